@@ -48,7 +48,8 @@ class ProgressBars:
       postfix = None
     if key != self._key:
       self.close()
-      self._bar = tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
+      # disable=None: no bar when stderr is not a terminal (logs, CI).
+      self._bar = tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True, disable=None)
       self._key = key
     self._bar.n = done
     if postfix:
@@ -240,7 +241,7 @@ def write_report(out: pathlib.Path, name: str, model, test_batch, result: dict, 
   _write_json(out / "metrics.json", result)
   (out / "metrics.md").write_text(markdown_table([{"category": name, **result}]) + "\n")
   labels = test_batch.labels.astype(bool)
-  fpr, tpr = metrics.roc_curve(labels, pred.image_scores)
+  fpr, tpr, _ = metrics.roc_curve(labels, pred.image_scores)
   plots.roc_curves({f"GLAD {name}": (fpr, tpr, result["image_auroc"])}, out / "roc.png",
                    title=f"image ROC, {name}")
   plots.score_histogram(pred.image_scores, labels, out / "score_histogram.png", threshold=model.image_threshold)

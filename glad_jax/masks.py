@@ -4,10 +4,12 @@ The background of MVTec images is not annotated, and network border effects can 
 so GLAD only reports anomalies inside a crude mask:
 
 * objects: the area roughly occupied by the object, derived here from the *aligned* training
-  images (`object_mask`): the mean training image is compared with the background colour
-  (estimated on the image border) and its local contrast with the border's; the result is
-  thresholded, cleaned by morphology (closing, hole filling, opening, small components
-  dropped) and dilated so that it errs on the generous side;
+  images (`object_mask`): two cues, each measured relative to its level on the image border
+  (where only background is expected) -- the colour distance of the mean training image to the
+  background colour (catches flat objects that differ from the background) and the mean over
+  images of the local contrast (catches textured objects, even imperfectly aligned ones); their
+  maximum is thresholded, cleaned by morphology (closing, hole filling, opening, small
+  components dropped) and dilated so that the mask errs on the generous side;
 * textures: a margin of 1/16 of the image size removed from each side (`margin_mask`);
 * or a mask image given by the user (`mask_from_array`; reading the file is
   `glad_jax.data.images.read_mask`'s job).
@@ -59,6 +61,7 @@ class ObjectMaskSettings:
       band (where only background is expected).
     border: width of the border band used as background reference (fraction of each side).
     contrast_sigma: Gaussian window of the local contrast (local standard deviation).
+    max_images: the contrast cue is averaged over at most this many images (evenly spaced).
     closing: radius of the closing that bridges gaps (e.g. between tyre lugs).
     opening: radius of the opening that removes thin spurious bits.
     dilation: radius of the final dilation (masks are meant to be generous).
@@ -69,6 +72,7 @@ class ObjectMaskSettings:
   threshold: float = 1.5
   border: float = TEXTURE_MARGIN
   contrast_sigma: float = 1.0 / 64.0
+  max_images: int = 64
   closing: float = 1.0 / 32.0
   opening: float = 1.0 / 64.0
   dilation: float = 1.0 / 64.0
@@ -111,18 +115,20 @@ def object_score(images, settings: ObjectMaskSettings = ObjectMaskSettings()) ->
 
   Returns:
     array of shape (H, W), float: max of (colour distance of the mean image to the median
-    border colour) and (local contrast of the mean image), each divided by its 99th percentile
-    on the border band. Background is about <= 1.
+    border colour) and (mean over images of the local contrast), each divided by its 99th
+    percentile on the border band. Background is about <= 1.
   """
   x = _as_stack(images)
-  _, h, w, _ = x.shape
+  n, h, w, _ = x.shape
   mean = x.mean(axis=0)  # (H, W, C): averaging removes per-image noise, keeps the object
   band = ~margin_mask((h, w), settings.border)
   if not band.any():
     band = ~margin_mask((h, w), 0.25)  # tiny images: any non-empty band will do
   background = np.median(mean[band], axis=0)
   colour = np.linalg.norm(mean - background, axis=-1)
-  contrast = _local_std(mean.mean(axis=-1), max(settings.contrast_sigma * max(h, w), 0.5))
+  sigma = max(settings.contrast_sigma * max(h, w), 0.5)
+  pick = np.unique(np.linspace(0, n - 1, min(n, max(settings.max_images, 1))).round().astype(int))
+  contrast = np.mean([_local_std(x[i].mean(axis=-1), sigma) for i in pick], axis=0)
   eps = 1e-6 * (1.0 + float(np.abs(mean).max()))
 
   def rel(q):  # a flat (noise-free) border must not divide by ~0

@@ -175,12 +175,29 @@ class GLAD:
       self.reference = x[0].copy()  # the first training image is the reference (paper 4.1)
       x = self._align(x)
     feats = self.features(x, batch_size=batch_size, progress=progress, prepared=True)
+    return self.fit_features(feats, aligned_images=x, progress=progress, mesh=mesh)
+
+  def fit_features(self, features: Mapping[str, np.ndarray], *, aligned_images: np.ndarray | None = None,
+                   progress: Progress | None = None, mesh=None) -> "GLAD":
+    """Fits on precomputed backbone features {layer: (N, h, w, d)} (e.g. shared with baselines).
+
+    Args:
+      features: one array per configured layer, from `features(...)` of the same configuration.
+      aligned_images: the resized, aligned training images (N, S, S, 3); needed only for mask='object'.
+      progress, mesh: as in `fit`.
+    """
+    c = self.config
+    missing = [name for name in c.layers if name not in features]
+    if missing:
+      raise ValueError(f"features are missing layer(s) {missing}; got {sorted(features)}")
+    if c.mask == "object" and aligned_images is None:
+      raise ValueError("mask='object' needs the aligned training images (aligned_images=...)")
     key = jax.random.key(c.seed)
     self.layers, self.fit_info = {}, {}
     for i, name in enumerate(c.layers):
       self.layers[name], self.fit_info[name] = _fit_layer(
-          feats[name], c, jax.random.fold_in(key, i), name, mesh, progress)
-    self.mask = _make_mask(c, x)
+          np.asarray(features[name]), c, jax.random.fold_in(key, i), name, mesh, progress)
+    self.mask = _make_mask(c, aligned_images)
     self.image_threshold = self.pixel_threshold = None
     self._invalidate()
     return self
@@ -255,6 +272,17 @@ class GLAD:
         progress("score", {"done": min(start + batch_size, n), "total": n})
     image_scores = np.concatenate(scores)
     anomaly_maps = np.concatenate(maps)
+    labels = None if self.image_threshold is None else image_scores > self.image_threshold
+    pixels = None if self.pixel_threshold is None else anomaly_maps > self.pixel_threshold
+    return Prediction(image_scores, anomaly_maps, labels, pixels)
+
+  def score_features(self, features: Mapping[str, Any]) -> Prediction:
+    """Scores precomputed features {layer: (B, h, w, d)} (validated: shapes must match the fitted model)."""
+    self._require_fitted()
+    size = (self.config.image_size, self.config.image_size)
+    out = scoring.score(self.layer_models(), {n: features[n] for n in self.layers if n in features},
+                        size=size, mask=self.mask, quantile=self.config.quantile)
+    image_scores, anomaly_maps = np.asarray(out.image_score), np.asarray(out.anomaly_map)
     labels = None if self.image_threshold is None else image_scores > self.image_threshold
     pixels = None if self.pixel_threshold is None else anomaly_maps > self.pixel_threshold
     return Prediction(image_scores, anomaly_maps, labels, pixels)

@@ -121,4 +121,7 @@ def data_parallel_sum(fn: Callable[[Any, jax.Array, jax.Array], Any], mesh: Mesh
   def local(params, x, mask):
     return jax.lax.psum(fn(params, x, mask), axis)
 
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axis), P(axis)), out_specs=P())
+  # check_vma=False: `fn` is ordinary single-device code (e.g. a scan whose carry starts as a
+  # constant), not written with varying-axis annotations; the psum makes the output replicated.
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axis), P(axis)), out_specs=P(),
+                       check_vma=False)

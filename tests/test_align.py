@@ -125,6 +125,10 @@ def test_align_moves_masks_with_images():
   expected = base > 0.55
   inner = (slice(6, -6), slice(6, -6))
   assert np.mean(aligned_mask[inner] == expected[inner]) > 0.99
+  # IPOL's "first scale": stopping at half resolution is still sub-pixel.
+  half = align.estimate_motion(base, moved, "euclidean",
+                               settings=align.AlignSettings(n_scales=2, first_scale=1))
+  assert align.corner_error(half, truth, "euclidean", (96, 96))[0] < 0.3
 
 
 def test_errors_name_the_problem():
@@ -139,5 +143,8 @@ def test_errors_name_the_problem():
     align.estimate_motion(img, img[None], "translation", settings=align.AlignSettings(n_scales=6))
   with pytest.raises(ValueError, match=r"params should have shape \(1, 3\)"):
     align.warp(img[None], np.zeros((1, 2)), "euclidean")
+  with pytest.raises(ValueError, match=r"first_scale must be in \[0, n_scales=2\)"):
+    align.estimate_motion(img, img[None], "affine",
+                          settings=align.AlignSettings(n_scales=2, first_scale=2))
   with pytest.raises(ValueError, match="robust function 'huber'"):
     align.estimate_motion(img, img[None], "affine", settings=align.AlignSettings(robust="huber"))

@@ -75,20 +75,26 @@ def test_expanded_log_joint_matches_scipy_and_masks():
   assert np.all(lj[:, 3] == -np.inf)
 
 
-def test_features_and_triangle_packing():
+@pytest.mark.parametrize("d", [1, 5, 37])
+def test_features_and_packing(d):
   rng = np.random.default_rng(3)
-  x = rng.normal(size=(6, 5)).astype(np.float32)
-  iu, ju = np.triu_indices(5)
-  feats = np.asarray(g.expanded_features(jnp.asarray(x)))
-  assert feats.shape == (6, g.expanded_size(5)) == (6, 15 + 5 + 1)
-  np.testing.assert_allclose(feats[:, :15], x[:, iu] * x[:, ju], rtol=1e-6)
-  np.testing.assert_array_equal(feats[:, 15:20], x)
-  np.testing.assert_array_equal(feats[:, 20], 1.0)
-  a = rng.normal(size=(3, 5, 5))
+  x = rng.normal(size=(6, d)).astype(np.float32)
+  rows, cols = g.quadratic_pairs(d)
+  f = g.quadratic_size(d)
+  # every unordered pair is present; duplicates only as mirrored pairs
+  pairs = {(min(i, j), max(i, j)) for i, j in zip(rows, cols)}
+  assert pairs == {(i, j) for i in range(d) for j in range(i, d)}
+  assert d * (d + 1) // 2 <= f <= d * (d + 1) // 2 + d * d // 16 + d
+  feats = np.asarray(jax.jit(g.expanded_features)(jnp.asarray(x)))
+  assert feats.shape == (6, g.expanded_size(d)) == (6, f + d + 1)
+  np.testing.assert_allclose(feats[:, :f], x[:, rows] * x[:, cols], rtol=1e-6)
+  np.testing.assert_array_equal(feats[:, f:f + d], x)
+  np.testing.assert_array_equal(feats[:, -1], 1.0)
+  a = rng.normal(size=(3, d, d))
   a = (a + np.swapaxes(a, 1, 2)).astype(np.float32)
-  packed = np.asarray(g.pack_triu(jnp.asarray(a)))
-  np.testing.assert_array_equal(packed, a[:, iu, ju])
-  np.testing.assert_array_equal(np.asarray(g.unpack_triu(jnp.asarray(packed), 5)), a)
+  packed = np.asarray(g.pack_quadratic(jnp.asarray(a)))
+  np.testing.assert_array_equal(packed, a[:, rows, cols])
+  np.testing.assert_array_equal(np.asarray(g.unpack_quadratic(jnp.asarray(packed), d)), a)
 
 
 def _maha64(x, means, covs):

@@ -101,12 +101,54 @@ class ConvBN(nn.Module):
                  tf_same_padding(x.shape[2], k, self.strides))
     else:
       padding = self.padding
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), (kernel * mult).astype(self.dtype),
-        window_strides=(self.strides, self.strides), padding=padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups,
-        precision=self.precision)
+    w = (kernel * mult).astype(self.dtype)
+    x = x.astype(self.dtype)
+    if k == 1 and self.groups == 1 and not any(any(p) for p in padding):
+      # A 1x1 convolution is a matmul over channels; XLA:CPU runs it several times faster
+      # as a dot than through its convolution emitter.
+      x = x[:, ::self.strides, ::self.strides, :]
+      b, h, w_, c = x.shape
+      y = jnp.dot(x.reshape(b * h * w_, c), w[0, 0], precision=self.precision)
+      y = y.reshape(b, h, w_, self.features)
+    elif self.groups > 1 and self.groups == in_features == self.features:
+      y = depthwise_conv(x, w[:, :, 0, :], self.strides, padding)
+    else:
+      y = jax.lax.conv_general_dilated(
+          x, w, window_strides=(self.strides, self.strides),
+          padding=padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+          feature_group_count=self.groups, precision=self.precision)
     return y + shift.astype(self.dtype)
+
+
+def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding) -> jax.Array:
+  """Depthwise convolution as a sum of k*k shifted, strided slices times per-channel weights.
+
+  Same result as ``conv_general_dilated(..., feature_group_count=C)`` (up to float
+  summation order), but XLA fuses it into one elementwise loop: on CPU this is ~10x faster
+  than its grouped convolution, which dominates EfficientNet's run time otherwise.
+
+  Args:
+    x: array of shape (B, H, W, C).
+    kernel: array of shape (k, k, C).
+    stride: spatial stride.
+    padding: ((top, bottom), (left, right)) zero padding.
+
+  Returns:
+    array of shape (B, (H + top + bottom - k) // stride + 1, ..., C).
+  """
+  k = kernel.shape[0]
+  x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  b, h, w, c = x.shape
+  ho, wo = (h - k) // stride + 1, (w - k) // stride + 1
+  acc = None
+  for i in range(k):
+    for j in range(k):
+      patch = jax.lax.slice(x, (0, i, j, 0),
+                            (b, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
+                            (1, stride, stride, 1))
+      term = patch * kernel[i, j]
+      acc = term if acc is None else acc + term
+  return acc
 
 
 def blur_pool(x: jax.Array, filter_size: int = 4, stride: int = 2) -> jax.Array:

@@ -144,7 +144,7 @@ def _unmatched_note(mask_dir: Path, expected: set[str], suffix: str) -> str:
           f"be named <image name>{suffix}.png")
 
 
-def _scan_defect_dir(root: Path, split: str, defect_dir: Path,
+def _scan_defect_dir(root: Path, defect_dir: Path,
                      require_masks: bool) -> tuple[list[ImageRecord], bool]:
   """Records of one ``<split>/<defect>`` folder; returns them and whether it is a 3D-AD folder."""
   is_3d = (defect_dir / "rgb").is_dir()
@@ -184,7 +184,7 @@ def _scan_split(root: Path, split: str, require_masks: bool) -> tuple[list[Image
   records: list[ImageRecord] = []
   any_3d = False
   for d in defect_dirs:
-    recs, is_3d = _scan_defect_dir(root, split, d, require_masks)
+    recs, is_3d = _scan_defect_dir(root, d, require_masks)
     records += recs
     any_3d |= is_3d
   return records, any_3d

@@ -73,13 +73,16 @@ def rd_params(key: jax.Array, n: int, shape: tuple[int, int],
     array of shape (n, 3): (tx, ty, theta) in pixels and radians.
   """
   h, w = shape
+  scale = jnp.array([settings.max_shift * w, settings.max_shift * h,
+                     math.radians(settings.max_rotation)], jnp.float32)
+  return np.asarray(_uniform_per_index(key, jnp.arange(start, start + n)) * scale, np.float32)
 
-  def one(i):
-    u = jax.random.uniform(jax.random.fold_in(key, i), (3,), minval=-1.0, maxval=1.0)
-    return jnp.stack([u[0] * settings.max_shift * w, u[1] * settings.max_shift * h,
-                      u[2] * math.radians(settings.max_rotation)])
 
-  return np.asarray(jax.vmap(one)(jnp.arange(start, start + n)), np.float32)
+@jax.jit
+def _uniform_per_index(key: jax.Array, indices: jax.Array) -> jax.Array:
+  """U(-1, 1) draws of shape (n, 3), image i from ``fold_in(key, i)``."""
+  return jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i), (3,), minval=-1.0,
+                                               maxval=1.0))(indices)
 
 
 def rd_perturb(images, masks=None, *, version: int, split: str, seed: int = 0,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import logging
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -138,6 +139,24 @@ class CategoryCache(tfds.core.GeneratorBasedBuilder):
       self._progress(f"cached to {self.data_dir}")
 
 
+class _DropCustomConfigWarning(logging.Filter):
+  """Hides TFDS's "Using custom data configuration" warning: every cache key is custom."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Using custom data configuration")
+
+
+@contextlib.contextmanager
+def _quiet_custom_config():
+  logger = logging.getLogger("absl")
+  filt = _DropCustomConfigWarning()
+  logger.addFilter(filt)
+  try:
+    yield
+  finally:
+    logger.removeFilter(filt)
+
+
 @contextlib.contextmanager
 def _progress_bars(enable: bool):
   """Temporarily shows or hides TFDS's tqdm bars, restoring the previous state."""
@@ -206,7 +225,8 @@ def cache_category(category: Category, size: Size, cache_dir: str | os.PathLike,
   Raises:
     DataError: a source file is missing or unreadable (the message names it).
   """
-  builder = CategoryCache(category=category, size=size, data_dir=cache_dir, progress=progress)
+  with _quiet_custom_config():
+    builder = CategoryCache(category=category, size=size, data_dir=cache_dir, progress=progress)
   with _progress_bars(progress_bars):
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))

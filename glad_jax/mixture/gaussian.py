@@ -12,7 +12,7 @@ Two ways to evaluate the quadratic form are provided:
   like ``eps * sqrt(x^T A x * maha)``.
 * expanded (`expanded_features` + `log_joint_params`): with ``A_k = Sigma_k^{-1}``,
   ``maha = sum_{i<=j} c_ij A_k,ij x_i x_j - 2 (A_k mu_k)^T x + mu_k^T A_k mu_k`` is a single
-  (N, d(d+1)/2 + d + 1) x (d(d+1)/2 + d + 1, K) matmul: half the flops of the direct form, a
+  (N, F + d + 1) x (F + d + 1, K) matmul, F ~ d(d+1)/2: half the flops of the direct form, a
   large inner dimension (BLAS-friendly) and no (N, K, d) intermediate. The price is float32
   cancellation of order ``eps * x^T A x`` (instead of ``eps * maha``), so callers centre the data
   (the fitters subtract the global mean) and the big matmuls ask for full float32 precision
@@ -21,6 +21,7 @@ Two ways to evaluate the quadratic form are provided:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -108,32 +109,59 @@ def component_log_prob(x: jax.Array, means: jax.Array, prec_chol: jax.Array,
 # ----------------------------------------------------------------------------------------------
 
 
-def triu_size(d: int) -> int:
-  """Number of entries of a d x d upper triangle (diagonal included), d (d + 1) / 2."""
-  return d * (d + 1) // 2
+_MAX_BANDS = 16
+
+
+@functools.lru_cache(maxsize=None)
+def _bands(d: int) -> tuple[tuple[int, int], ...]:
+  # Rows are grouped in at most 16 bands: one concatenate of <= 16 broadcast products compiles in
+  # well under a second for d = 1024 (one slice per row took 15 s at d = 512), at the price of
+  # the lower triangles of the diagonal blocks being computed twice (~d^2/32 extra features).
+  b = -(-d // _MAX_BANDS)
+  return tuple((s, min(s + b, d)) for s in range(0, d, b))
+
+
+@functools.lru_cache(maxsize=None)
+def quadratic_pairs(d: int) -> tuple[np.ndarray, np.ndarray]:
+  """Index pairs (i, j) of the `quadratic_features` columns, two int arrays of shape (F,).
+
+  Band by band: rows i of a band [s, e) times columns j >= s. Every pair i <= j appears at least
+  once; pairs i > j appear only inside a diagonal block (their mirror appears there too).
+  """
+  rows, cols = [], []
+  for s, e in _bands(d):
+    ii, jj = np.meshgrid(np.arange(s, e), np.arange(s, d), indexing="ij")
+    rows.append(ii.ravel())
+    cols.append(jj.ravel())
+  return np.concatenate(rows), np.concatenate(cols)
+
+
+def quadratic_size(d: int) -> int:
+  """F, the number of `quadratic_features`: about d (d + 1) / 2 (+ ~3% duplicated pairs)."""
+  return int(quadratic_pairs(d)[0].size)
 
 
 def expanded_size(d: int) -> int:
-  """Width of `expanded_features`: d (d + 1) / 2 quadratic + d linear + 1 constant."""
-  return triu_size(d) + d + 1
+  """Width of `expanded_features`: F quadratic + d linear + 1 constant."""
+  return quadratic_size(d) + d + 1
 
 
 def quadratic_features(x: jax.Array) -> jax.Array:
-  """Products x_i x_j for i <= j, in `numpy.triu_indices` (row-major) order.
+  """Products x_i x_j for the pairs of `quadratic_pairs` (every i <= j at least once).
 
   Args:
     x: array of shape (..., d).
 
   Returns:
-    array of shape (..., d (d + 1) / 2).
+    array of shape (..., F), F = `quadratic_size(d)`.
   """
-  d = x.shape[-1]
-  # Static slices fuse into one concatenate; a gather with triu indices is 30-50% slower on CPU.
-  return jnp.concatenate([x[..., i:i + 1] * x[..., i:] for i in range(d)], axis=-1)
+  lead = x.shape[:-1]
+  parts = [(x[..., s:e, None] * x[..., None, s:]).reshape(lead + (-1,)) for s, e in _bands(x.shape[-1])]
+  return jnp.concatenate(parts, axis=-1)
 
 
 def expanded_features(x: jax.Array) -> jax.Array:
-  """[x_i x_j (i <= j), x, 1]: everything a Gaussian log-density and its M-step need.
+  """[x_i x_j (pairs of `quadratic_pairs`), x, 1]: all a Gaussian log-density and M-step need.
 
   ``expanded_features(x) @ W`` gives all K quadratic forms at once (`log_joint_params`), and a
   (weighted) sum of the rows gives a cluster's second moments, sums and count in one pass.
@@ -142,47 +170,59 @@ def expanded_features(x: jax.Array) -> jax.Array:
     x: array of shape (N, d).
 
   Returns:
-    array of shape (N, d (d + 1) / 2 + d + 1).
+    array of shape (N, F + d + 1).
   """
   ones = jnp.ones(x.shape[:-1] + (1,), x.dtype)
   return jnp.concatenate([quadratic_features(x), x, ones], axis=-1)
 
 
-def pack_triu(a: jax.Array) -> jax.Array:
-  """Upper triangle (diagonal included) of (..., d, d) matrices as (..., d (d + 1) / 2)."""
-  iu, ju = np.triu_indices(a.shape[-1])
-  return a[..., iu, ju]
+def pack_quadratic(a: jax.Array) -> jax.Array:
+  """Entries of symmetric (..., d, d) matrices at the `quadratic_pairs`, shape (..., F)."""
+  rows, cols = quadratic_pairs(a.shape[-1])
+  return a[..., rows, cols]
 
 
-def unpack_triu(v: jax.Array, d: int) -> jax.Array:
-  """Symmetric (..., d, d) matrices from their packed upper triangles (..., d (d + 1) / 2)."""
-  iu, ju = np.triu_indices(d)
+def unpack_quadratic(v: jax.Array, d: int) -> jax.Array:
+  """Symmetric (..., d, d) matrices from values at the `quadratic_pairs` (..., F)."""
+  rows, cols = quadratic_pairs(d)
   pos = np.empty((d, d), np.int32)
-  pos[iu, ju] = np.arange(iu.size)
-  pos[ju, iu] = pos[iu, ju]  # a gather from a symmetric index map is symmetric by construction
+  first = rows <= cols                     # one occurrence of every unordered pair
+  pos[rows[first], cols[first]] = np.nonzero(first)[0]
+  pos[cols[first], rows[first]] = np.nonzero(first)[0]   # a gather from a symmetric map
   return v[..., pos]
+
+
+def _pair_multiplicity(d: int) -> np.ndarray:
+  """How often each column's unordered pair {i, j} is counted in x^T A x = sum_ij A_ij x_i x_j:
+  diagonal 1; an off-diagonal pair present twice in the features (both orders) 1 per column;
+  present once 2."""
+  rows, cols = quadratic_pairs(d)
+  band = np.zeros(d, np.int64)
+  for b, (s, e) in enumerate(_bands(d)):
+    band[s:e] = b
+  twice = (rows != cols) & (band[rows] == band[cols])
+  return np.where((rows == cols) | twice, 1.0, 2.0)
 
 
 def mahalanobis_params(means: jax.Array, prec_chol: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Weights of the expanded quadratic form: ``expanded_features(x) @ w + c = maha``.
 
   With A_k = P_k P_k^T = Sigma_k^{-1}:
-  ``(x - mu)^T A (x - mu) = sum_i A_ii x_i^2 + sum_{i<j} 2 A_ij x_i x_j - 2 (A mu)^T x + mu^T A mu``.
+  ``(x - mu)^T A (x - mu) = sum_i A_ii x_i^2 + sum_{i<j} 2 A_ij x_i x_j - 2 (A mu)^T x + mu^T A mu``
+  (an off-diagonal pair present in both orders gets A_ij per column).
 
   Args:
     means: array of shape (K, d).
     prec_chol: array of shape (K, d, d).
 
   Returns:
-    w: array of shape (d (d + 1) / 2 + d + 1, K); its last row (the constant feature) is zero.
+    w: array of shape (F + d + 1, K); its last row (the constant feature) is zero.
     c: array of shape (K,), mu_k^T A_k mu_k (kept apart so that masked components can carry
       -inf without a 0 * inf in the matmul).
   """
   k, d = means.shape
   a = jnp.einsum("kij,klj->kil", prec_chol, prec_chol, precision=_HIGHEST)
-  iu, ju = np.triu_indices(d)
-  off_diag_twice = jnp.asarray(np.where(iu == ju, 1.0, 2.0), a.dtype)
-  w_quad = pack_triu(a) * off_diag_twice                                        # (K, D')
+  w_quad = pack_quadratic(a) * jnp.asarray(_pair_multiplicity(d), a.dtype)     # (K, F)
   w_lin = -2.0 * jnp.einsum("kij,kj->ki", a, means, precision=_HIGHEST)        # (K, d)
   w = jnp.concatenate([w_quad, w_lin, jnp.zeros((k, 1), a.dtype)], axis=-1).T
   # mu^T A mu = ||P^T mu||^2 through P: better conditioned than through A.
@@ -194,7 +234,7 @@ def mahalanobis_sq_expanded(x: jax.Array, means: jax.Array, prec_chol: jax.Array
   """Squared Mahalanobis distances through the expanded quadratic form; (N, d) -> (N, K).
 
   Same values as `mahalanobis_sq` up to float32 cancellation (see the module docstring); memory
-  (N, d (d + 1) / 2): callers chunk N.
+  (N, F): callers chunk N.
   """
   w, c = mahalanobis_params(means, prec_chol)
   return jnp.dot(expanded_features(x), w, precision=_HIGHEST) + c[None, :]
@@ -209,7 +249,7 @@ def log_joint_params(mixture: GaussianMixture) -> tuple[jax.Array, jax.Array]:
     mixture: a mixture with K components in dimension d.
 
   Returns:
-    w: array of shape (d (d + 1) / 2 + d + 1, K).
+    w: array of shape (F + d + 1, K).
     b: array of shape (K,).
   """
   d = mixture.dim

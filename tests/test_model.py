@@ -1,0 +1,147 @@
+"""GLAD(config) end to end on a tiny backbone: fit / score / calibrate / save / load, ablations, errors."""
+
+import numpy as np
+import pytest
+
+from glad_jax import checkpoint
+from glad_jax.config import GLADConfig
+from glad_jax.model import GLAD, prepare_images
+
+from conftest import texture, with_defect
+
+
+@pytest.fixture(scope="module")
+def data():
+  rng = np.random.default_rng(1)
+  train = np.stack([texture(rng) for _ in range(12)])
+  good = np.stack([texture(rng) for _ in range(4)])
+  bad, masks = zip(*(with_defect(texture(rng), rng) for _ in range(4)))
+  return train, good, np.stack(bad), np.stack(masks)
+
+
+@pytest.fixture(scope="module")
+def fitted(data):
+  config = GLADConfig(backbone="resnet_tiny", image_size=64, n_components=4, max_iter=20)
+  return GLAD(config).fit(data[0])
+
+
+def test_fit_and_score_shapes_and_detection(fitted, data):
+  _, good, bad, masks = data
+  pred = fitted.score(np.concatenate([good, bad]))
+  assert pred.image_scores.shape == (8,)
+  assert pred.anomaly_maps.shape == (8, 64, 64)
+  assert pred.image_labels is None and pred.pixel_masks is None
+  # The pasted squares are anomalies: every defective image scores above every good one, and the map is
+  # hotter inside the defect than outside.
+  assert pred.image_scores[4:].min() > pred.image_scores[:4].max()
+  maps = pred.anomaly_maps[4:]
+  assert np.mean(maps[masks]) > np.mean(maps[~masks])
+  for name, info in fitted.fit_info.items():
+    assert 1 <= info.n_components <= 4
+    assert info.mean_nnz is not None and 1 <= info.mean_nnz <= info.n_components
+
+
+def test_score_equals_score_features(fitted, data):
+  """The fused jitted path (backbone + scoring) equals validated scoring of separately extracted features."""
+  _, good, bad, _ = data
+  images = np.concatenate([good, bad])
+  fast = fitted.score(images)
+  slow = fitted.score_features(fitted.features(images))
+  np.testing.assert_allclose(fast.image_scores, slow.image_scores, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(fast.anomaly_maps, slow.anomaly_maps, rtol=1e-5, atol=1e-4)
+
+
+def test_batch_size_does_not_change_scores(fitted, data):
+  _, good, bad, _ = data
+  images = np.concatenate([good, bad])
+  a = fitted.score(images, batch_size=3).image_scores
+  b = fitted.score(images, batch_size=8).image_scores
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_save_load_round_trip_gives_identical_scores(fitted, data, tmp_path):
+  _, good, bad, _ = data
+  images = np.concatenate([good, bad])
+  fitted.calibrate(good, fpr=0.25)
+  fitted.save(tmp_path / "ck")
+  loaded = GLAD.load(tmp_path / "ck")
+  assert loaded.config == fitted.config
+  assert loaded.image_threshold == fitted.image_threshold
+  assert loaded.pixel_threshold == fitted.pixel_threshold
+  for name in fitted.layers:
+    a, b = fitted.layers[name], loaded.layers[name]
+    np.testing.assert_array_equal(np.asarray(a.mixture.cov_chol), np.asarray(b.mixture.cov_chol))
+    np.testing.assert_array_equal(np.asarray(a.local.tile_log_weight), np.asarray(b.local.tile_log_weight))
+    assert a.local.grid_shape == b.local.grid_shape
+  p1, p2 = fitted.score(images), loaded.score(images)
+  np.testing.assert_array_equal(p1.image_scores, p2.image_scores)
+  np.testing.assert_array_equal(p1.anomaly_maps, p2.anomaly_maps)
+  np.testing.assert_array_equal(p1.image_labels, p2.image_labels)
+  assert loaded.fit_info[next(iter(loaded.fit_info))].n_iter >= 1
+
+
+def test_calibrated_thresholds_hold_their_false_positive_rate(fitted, data):
+  _, good, bad, _ = data
+  fitted.calibrate(good, fpr=0.25)
+  pred = fitted.score(good)
+  assert np.mean(pred.image_labels) <= 0.25 + 1e-9
+  assert np.mean(pred.pixel_masks) <= 0.25 + 1e-3
+  assert np.isclose(fitted.image_threshold, np.quantile(pred.image_scores, 0.75))
+  with pytest.raises(ValueError, match=r"fpr must be in \(0, 1\)"):
+    fitted.calibrate(good, fpr=0.0)
+
+
+@pytest.mark.parametrize("changes", [dict(local=False), dict(algorithm="em"), dict(use_oas=False),
+                                     dict(layers=("layer2",), mask="margin", max_samples=300)])
+def test_ablations_fit_and_score(data, changes, tmp_path):
+  config = GLADConfig(backbone="resnet_tiny", image_size=64, n_components=4, max_iter=10, **changes)
+  model = GLAD(config).fit(data[0][:6])
+  pred = model.score(data[2][:2])
+  assert np.all(np.isfinite(pred.image_scores))
+  if changes.get("local") is False:
+    assert all(layer.local is None for layer in model.layers.values())
+  if "mask" in changes:
+    assert model.mask.shape == (64, 64) and not model.mask[0, 0] and model.mask[32, 32]
+  if "max_samples" in changes:
+    assert model.fit_info["layer2"].n_samples_global == 300 < model.fit_info["layer2"].n_samples
+  model.save(tmp_path / "m")
+  np.testing.assert_array_equal(GLAD.load(tmp_path / "m").score(data[2][:2]).image_scores, pred.image_scores)
+
+
+def test_alignment_reference_is_kept_and_used(data, tmp_path):
+  config = GLADConfig(backbone="resnet_tiny", image_size=64, n_components=4, max_iter=5, align="translation")
+  model = GLAD(config).fit(data[0][:4])
+  np.testing.assert_array_equal(model.reference, prepare_images(data[0][:1], 64)[0])
+  model.save(tmp_path / "a")
+  np.testing.assert_array_equal(GLAD.load(tmp_path / "a").reference, model.reference)
+  assert np.all(np.isfinite(model.score(data[1][:2]).image_scores))
+
+
+def test_images_of_other_sizes_and_channels_are_converted(fitted, data):
+  rng = np.random.default_rng(5)
+  gray_big = texture(rng, 96)[..., 0]
+  rgba = np.concatenate([texture(rng, 64), np.full((64, 64, 1), 255, np.uint8)], axis=-1)
+  pred = fitted.score([gray_big, rgba])
+  assert pred.image_scores.shape == (2,)
+
+
+def test_errors_are_clear(fitted, data, tmp_path):
+  train = data[0]
+  with pytest.raises(ValueError, match="not fitted"):
+    GLAD(GLADConfig(backbone="resnet_tiny")).score(train[:1])
+  with pytest.raises(ValueError, match="at least 2 training images"):
+    GLAD(GLADConfig(backbone="resnet_tiny", image_size=64)).fit(train[:1])
+  with pytest.raises(ValueError, match="no images given"):
+    fitted.score([])
+  with pytest.raises(ValueError, match="n_components must be >= 1"):
+    GLAD(GLADConfig(n_components=0))
+  with pytest.raises(ValueError, match="unknown motion model"):
+    GLAD(GLADConfig(align="spline"))
+  with pytest.raises(ValueError, match="NaN"):
+    fitted.score(np.full((1, 64, 64, 3), np.nan, np.float32))
+  feats = fitted.features(train[:1])
+  feats["layer1"] = feats["layer1"][:, :8]
+  with pytest.raises(ValueError, match=r"layer 'layer1': features have shape \(1, 8, 16, 8\)"):
+    fitted.score_features(feats)
+  with pytest.raises(checkpoint.CheckpointError, match="not found"):
+    GLAD.load(tmp_path / "nothing")
