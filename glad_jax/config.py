@@ -35,6 +35,8 @@ class GLADConfig:
     mask: 'none', 'object' (crude object mask from the aligned training images) or
       'margin' (texture margin of 1/16 of the image size).
     seed: seeds initialisation and subsampling.
+    backbone_dtype: computation dtype of the backbone, 'float32' or 'bfloat16' (faster on
+      GPU/TPU; features are returned as float32 and all mixture math stays float32).
   """
 
   backbone: str = "efficientnet_lite0"
@@ -54,6 +56,7 @@ class GLADConfig:
   align: str = "none"
   mask: Literal["none", "object", "margin"] = "none"
   seed: int = 0
+  backbone_dtype: Literal["float32", "bfloat16"] = "float32"
 
   def replace(self, **changes) -> "GLADConfig":
     return dataclasses.replace(self, **changes)

@@ -127,7 +127,8 @@ class GLAD:
       from glad_jax.backbones import create_feature_extractor
 
       c = self.config
-      self._extractor = create_feature_extractor(c.backbone, c.layers, c.weights, c.image_size, seed=c.seed)
+      self._extractor = create_feature_extractor(c.backbone, c.layers, c.weights, c.image_size,
+                                                 dtype=jnp.dtype(c.backbone_dtype), seed=c.seed)
     return self._extractor
 
   @property
@@ -139,11 +140,25 @@ class GLAD:
       raise ValueError("this GLAD model is not fitted: call fit(images) or GLAD.load(path) first")
 
   def _align(self, images: np.ndarray) -> np.ndarray:
+    return self._align_with_params(images)[0]
+
+  def _align_with_params(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(images aligned on the reference, motion parameters (N, p) or None when alignment is off)."""
     if self.config.align == "none":
-      return images
+      return images, None
     from glad_jax import align
 
-    return np.asarray(align.align(images, self.config.align, reference=self.reference).images)
+    result = align.align(images, self.config.align, reference=self.reference)
+    return np.asarray(result.images), np.asarray(result.params)
+
+  def _unalign_maps(self, maps: np.ndarray, params: np.ndarray | None) -> np.ndarray:
+    """Warps anomaly maps from the reference frame back onto the input images (identity without alignment)."""
+    if params is None:
+      return maps
+    from glad_jax import align
+
+    inverse = align.invert_params(params, self.config.align)
+    return np.asarray(align.warp(maps, inverse, self.config.align, order=1, mode="edge"))
 
   def features(self, images: Any, *, batch_size: int = 16, progress: Progress | None = None,
                prepared: bool = False) -> dict[str, np.ndarray]:
@@ -174,8 +189,32 @@ class GLAD:
     if c.align != "none":
       self.reference = x[0].copy()  # the first training image is the reference (paper 4.1)
       x = self._align(x)
-    feats = self.features(x, batch_size=batch_size, progress=progress, prepared=True)
+    feats = self._device_features(x, batch_size, progress)
     return self.fit_features(feats, aligned_images=x, progress=progress, mesh=mesh)
+
+  def _device_features(self, x: np.ndarray, batch_size: int, progress: Progress | None) -> dict[str, jax.Array]:
+    """Features {layer: (N, h, w, d)} of prepared images, left on the device for the fit.
+
+    Unlike `features` (NumPy out), the chunks of the jitted backbone stay where they were computed and are
+    concatenated there, one layer at a time: on an accelerator the global and local fits then read them with no
+    round trip through host memory.
+    """
+    _check_memory(self.extractor, x.shape[0])
+    ext = self.extractor
+    n = x.shape[0]
+    chunks: dict[str, list[jax.Array]] = {name: [] for name in ext.layers}
+    for start in range(0, n, batch_size):
+      chunk = x[start:start + batch_size]
+      m = chunk.shape[0]
+      if m < batch_size and n > batch_size:  # pad the last chunk: one compilation per batch size
+        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - m, axis=0)])
+      out = ext.apply(ext.params, jnp.asarray(chunk))
+      for name in ext.layers:
+        chunks[name].append(out[name][:m])
+      if progress is not None:
+        progress("features", {"done": min(start + batch_size, n), "total": n})
+    # Concatenate layer by layer, dropping each layer's chunks at once: peak = features + one layer.
+    return {name: jnp.concatenate(chunks.pop(name)) for name in list(chunks)}
 
   def fit_features(self, features: Mapping[str, np.ndarray], *, aligned_images: np.ndarray | None = None,
                    progress: Progress | None = None, mesh=None) -> "GLAD":
@@ -196,7 +235,7 @@ class GLAD:
     self.layers, self.fit_info = {}, {}
     for i, name in enumerate(c.layers):
       self.layers[name], self.fit_info[name] = _fit_layer(
-          np.asarray(features[name]), c, jax.random.fold_in(key, i), name, mesh, progress)
+          _as_layer_features(features[name]), c, jax.random.fold_in(key, i), name, mesh, progress)
     self.mask = _make_mask(c, aligned_images)
     self.image_threshold = self.pixel_threshold = None
     self._invalidate()
@@ -256,7 +295,7 @@ class GLAD:
     self._require_fitted()
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
       raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    x = self._align(prepare_images(images, self.config.image_size))
+    x, motions = self._align_with_params(prepare_images(images, self.config.image_size))
     fn = self.score_fn()
     scores, maps = [], []
     n = x.shape[0]
@@ -271,7 +310,9 @@ class GLAD:
       if progress is not None:
         progress("score", {"done": min(start + batch_size, n), "total": n})
     image_scores = np.concatenate(scores)
-    anomaly_maps = np.concatenate(maps)
+    # Maps are returned in the frame of the input images (so heat maps overlay them and pixel metrics use their
+    # ground truth as is); the image score is computed in the reference frame, as in the paper.
+    anomaly_maps = self._unalign_maps(np.concatenate(maps), motions)
     labels = None if self.image_threshold is None else image_scores > self.image_threshold
     pixels = None if self.pixel_threshold is None else anomaly_maps > self.pixel_threshold
     return Prediction(image_scores, anomaly_maps, labels, pixels)
@@ -385,6 +426,13 @@ def _check_config(c: GLADConfig) -> None:
     raise ValueError(f"config.max_samples must be None or >= 1, got {c.max_samples}")
   if c.radius < 0:
     raise ValueError(f"config.radius must be >= 0, got {c.radius}")
+  if c.backbone_dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"config.backbone_dtype must be 'float32' or 'bfloat16', got {c.backbone_dtype!r}")
+
+
+def _as_layer_features(x: Any) -> Any:
+  """Device arrays stay on the device (no host round trip in the fit); anything else becomes NumPy."""
+  return x if isinstance(x, jax.Array) else np.asarray(x)
 
 
 def _check_memory(extractor, n_images: int, budget_fraction: float = 0.5) -> None:

@@ -135,7 +135,10 @@ def _segment_logsumexp(values: jax.Array, segments: jax.Array, n_segments: int) 
   shift = jnp.where(jnp.isfinite(top), top, 0.0)
   total = jax.ops.segment_sum(jnp.exp(values - shift[segments]), segments,
                               num_segments=n_segments)
-  return shift + jnp.log(total)
+  # The dummy padding position has total = 0: guard log(0) so its derivative is not 0/0 (NaN gradients
+  # would otherwise reach the last feature position, e.g. in PGD through the scorer).
+  positive = total > 0
+  return jnp.where(positive, shift + jnp.log(jnp.where(positive, total, 1.0)), -jnp.inf)
 
 
 def _sparse_block_size(batch: int, tile_size: int, dim: int, n_tiles: int,

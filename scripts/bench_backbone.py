@@ -17,14 +17,12 @@ efficientnet-lite-pytorch import, e.g. the fixture venv):
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
-
-from glad_jax import backbones as bb
 
 DEFAULT = ("resnet18", "resnet50", "wide_resnet50_2", "resnet18_aa", "resnet50_aa",
            "wide_resnet50_2_aa", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
@@ -49,6 +47,8 @@ def best_times(fns: dict, repeats: int) -> dict:
 
 
 def ours_runner(name: str, state: dict, images: np.ndarray):
+  import jax
+  from glad_jax import backbones as bb
   fe = bb.create_feature_extractor(name, LAYERS, weights=state, image_size=images.shape[1])
   x = jax.device_put(images)
   return lambda: jax.block_until_ready(fe.apply(fe.params, x))
@@ -60,6 +60,7 @@ class _Stop(Exception):
 
 def torch_runner(name: str, state: dict, images: np.ndarray):
   """PyTorch reference forward up to layer3, or None if the references do not import."""
+  from glad_jax import backbones as bb
   try:
     import torch
     sys.path.insert(0, str(Path(__file__).parent))
@@ -96,10 +97,26 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--size", type=int, default=256)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--single-thread", action="store_true",
+                      help="one thread for both XLA and PyTorch (robust to a busy machine)")
   args = parser.parse_args()
+  if args.single_thread:
+    # Must be set before JAX initialises its CPU backend.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_cpu_multi_thread_eigen=false"
+                               " intra_op_parallelism_threads=1")
+  import jax
+  from glad_jax import backbones as bb
+  try:
+    import torch
+    torch.set_num_threads(1 if args.single_thread else torch.get_num_threads())
+    threads = torch.get_num_threads()
+  except ImportError:
+    threads = None
   images = np.random.default_rng(0).integers(0, 256, (args.batch, args.size, args.size, 3),
                                              dtype=np.uint8)
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform}; batch {args.batch} x "
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores, load "
+        f"{os.getloadavg()[0]:.1f}); torch threads {threads}; batch {args.batch} x "
         f"{args.size}x{args.size}; best of {args.repeats}")
   print(f"{'backbone':<22}{'ours img/s':>12}{'torch img/s':>13}{'ours/torch':>12}")
   for name in args.backbones:

@@ -18,6 +18,7 @@ from skimage import data
 
 from glad_jax import backbones as bb
 from glad_jax.backbones import registry
+from glad_jax.backbones.common import ConvBN, depthwise_conv
 from glad_jax.backbones.weights import file_sha256, flatten
 from glad_jax.config import GLADConfig
 
@@ -79,23 +80,38 @@ def lite0(tmp_path_factory):
                                      cache_dir=tmp_path_factory.mktemp("cache"))
 
 
-def test_lite0_packaged_weights_match_pytorch(lite0):
+@pytest.fixture(scope="module")
+def lite0_outputs(lite0):
+  """Lite0 on [astronaut, chelsea, coffee] in one batch (one compilation).
+
+  astronaut()[::2, ::2] is already 256x256; chelsea and coffee are resized to 256 exactly as
+  `preprocess` does (bilinear, antialiased; checked against PIL below), so the batch takes
+  the same path as images given at their own size.
+  """
+  def resized(image):
+    x = jnp.asarray(image, jnp.float32)[None] / 255.0
+    return np.asarray(jax.image.resize(x, (1, 256, 256, 3), "bilinear", antialias=True))[0]
+
+  batch = np.stack([data.astronaut()[::2, ::2].astype(np.float32) / 255.0,
+                    resized(data.chelsea()), resized(data.coffee())])
+  return lite0(batch)
+
+
+def test_lite0_packaged_weights_match_pytorch(lite0_outputs):
   ref = np.load(FIXTURES / "lite0_real.npz")
   path = bb.get_spec("efficientnet_lite0").default_weights()
   assert file_sha256(path) == str(ref["weights_sha256"]), "different packaged Lite0 weights"
-  image = data.astronaut()[::2, ::2]  # 256x256: the whole pipeline without resampling
-  out = lite0(image[None])
   for key in OUTPUTS:
-    assert out[key].shape == ref[key].shape
-    assert rel_err(out[key], ref[key]) <= 1e-4, (key, rel_err(out[key], ref[key]))
+    out = lite0_outputs[key][:1]
+    assert out.shape == ref[key].shape
+    assert rel_err(out, ref[key]) <= 1e-4, (key, rel_err(out, ref[key]))
 
 
-def test_lite0_classifies_real_images(lite0):
+def test_lite0_classifies_real_images(lite0_outputs):
   # Nobody tuned this: ImageNet classes 281-285 are cats, 967/968 espresso/cup.
-  chelsea = lite0(data.chelsea()[None])["logits"][0]
-  coffee = lite0(data.coffee()[None])["logits"][0]
-  assert 281 <= int(np.argmax(chelsea)) <= 285
-  assert int(np.argmax(coffee)) in (967, 968)
+  top1 = np.argmax(lite0_outputs["logits"], axis=-1)
+  assert 281 <= int(top1[1]) <= 285
+  assert int(top1[2]) in (967, 968)
 
 
 def test_extractor_attributes(lite0):
@@ -104,6 +120,26 @@ def test_extractor_attributes(lite0):
   assert lite0.feature_shapes() == {"layer1": (64, 64, 24), "layer2": (32, 32, 40),
                                     "layer3": (16, 16, 112), "logits": (1000,)}
   assert set(lite0.params) == {"params", "batch_stats"}
+
+
+@pytest.mark.parametrize("k, stride, padding", [(3, 1, ((1, 1), (1, 1))), (3, 2, ((0, 1), (0, 1))),
+                                               (5, 2, ((1, 2), (2, 1)))])
+def test_depthwise_and_pointwise_fast_paths_match_xla_convolution(k, stride, padding):
+  rng = np.random.default_rng(k + stride)
+  x = jnp.asarray(rng.standard_normal((2, 11, 9, 6)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k, k, 1, 6)), jnp.float32)
+  want = jax.lax.conv_general_dilated(x, w, (stride, stride), padding,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      feature_group_count=6)
+  got = depthwise_conv(x, w[:, :, 0], stride, padding)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  conv = ConvBN(4, 1, stride)
+  variables = conv.init(jax.random.key(0), x)
+  kernel = variables["params"]["kernel"]
+  mult = 1 / np.sqrt(1 + 1e-5)  # default BN: scale 1, var 1, mean 0, bias 0
+  want = jax.lax.conv_general_dilated(x, kernel * mult, (stride, stride), "VALID",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(conv.apply(variables, x), want, rtol=1e-5, atol=1e-5)
 
 
 def test_preprocess_matches_pil_and_imagenet_normalisation():
@@ -138,6 +174,7 @@ def test_grayscale_rgba_uint8_and_chunks_are_converted(tiny):
   assert calls == [(2, 5), (4, 5), (5, 5)]
   rgba = np.concatenate([rgb, rng.integers(0, 256, (5, 40, 36, 1), dtype=np.uint8)], -1)
   as_float = tiny(rgb.astype(np.float64) / 255.0, batch_size=8)
+  as_uint16 = tiny(rgb.astype(np.uint16) * 257, batch_size=8)  # 65535 / 255 = 257
   from_rgba = tiny(rgba, batch_size=8)
   gray = rgb[..., 0]
   from_gray = tiny(gray, batch_size=8)
@@ -146,6 +183,7 @@ def test_grayscale_rgba_uint8_and_chunks_are_converted(tiny):
   for k in ref:
     np.testing.assert_allclose(chunked[k], ref[k], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(as_float[k], ref[k], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(as_uint16[k], ref[k], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(from_rgba[k], ref[k])
     np.testing.assert_array_equal(from_gray[k], from_gray3[k])
     np.testing.assert_array_equal(from_gray1[k], from_gray3[k])
@@ -198,6 +236,11 @@ def test_random_weights_are_seeded_and_bfloat16_runs():
   assert all(np.array_equal(flat_a[k], flat_b[k]) for k in flat_a)
   assert not np.allclose(flat_a["params/conv1/kernel"], flat_c["params/conv1/kernel"])
   full = bb.create_feature_extractor("resnet_tiny_aa", ("layer3",), "random", 32, seed=1)(x)
+  # Stopping after layer3 must not change it (the logits run the whole network).
+  deeper = bb.create_feature_extractor("resnet_tiny_aa", ("logits", "layer3"), "random", 32,
+                                       seed=1)(x)
+  assert deeper["logits"].shape == (2, 10)
+  np.testing.assert_array_equal(deeper["layer3"], full["layer3"])
   low = bb.create_feature_extractor("resnet_tiny_aa", ("layer3",), "random", 32, jnp.bfloat16,
                                     seed=1)(x)["layer3"]
   assert low.dtype == np.float32

@@ -178,11 +178,11 @@ class _Eval:
     return (eval, ("1 + 1",))
 
 
-def _legacy_stream(obj) -> bytes:
+def _legacy_stream(obj, protocol: int = 2) -> bytes:
   """A legacy torch.save layout (magic, protocol, sys_info, object, keys) around `obj`."""
   parts = [0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": True},
            obj, []]
-  return b"".join(pickle.dumps(p, protocol=2) for p in parts)
+  return b"".join(pickle.dumps(p, protocol=protocol) for p in parts)
 
 
 def test_pickle_asking_for_os_system_is_refused(tmp_path):
@@ -209,6 +209,21 @@ def test_pickle_asking_for_os_system_is_refused(tmp_path):
   assert issubclass(bb.UnsafeCheckpointError, ValueError)
 
 
+def test_numpy_scalars_beside_the_state_dict_are_accepted(tmp_path):
+  path = tmp_path / "train.pth"
+  payload = {"epoch": 90, "best_acc1": np.float64(71.2), "lr": np.float32(0.1),
+             "state_dict": {"w": np.arange(6.0).reshape(2, 3)}}
+  for protocol in (2, 4):
+    path.write_bytes(_legacy_stream(payload, protocol))
+    loaded = bb.load_checkpoint(path)
+    assert loaded["best_acc1"] == np.float64(71.2)
+    np.testing.assert_array_equal(bb.read_state_dict(path)["w"], np.arange(6.0).reshape(2, 3))
+  # ...but an object array cannot smuggle a callable in.
+  path.write_bytes(_legacy_stream({"w": np.array([os.system], dtype=object)}))
+  with pytest.raises(bb.UnsafeCheckpointError, match=r"system"):
+    bb.read_state_dict(path)
+
+
 def test_pickled_model_object_is_refused(tmp_path):
   # A whole pickled nn.Module names its class: refused, with advice to save a state_dict.
   # Hand-written protocol-2 pickle of {'model': torch.nn.modules.conv.Conv2d()}.
@@ -217,6 +232,15 @@ def test_pickled_model_object_is_refused(tmp_path):
   path.write_bytes(_legacy_stream(None).replace(pickle.dumps(None, protocol=2), obj, 1))
   with pytest.raises(bb.UnsafeCheckpointError,
                      match=r"torch\.nn\.modules\.conv\.Conv2d(.|\n)*state_dict"):
+    bb.read_state_dict(path)
+
+
+def test_malformed_tensor_record(tmp_path):
+  # Hand-written pickle of _rebuild_tensor_v2({}, 0, (2,), (1,), False): no storage behind it.
+  obj = b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n(}K\x00K\x02\x85K\x01\x85\x89tR."
+  path = tmp_path / "bad.pth"
+  path.write_bytes(_legacy_stream(None).replace(pickle.dumps(None, protocol=2), obj, 1))
+  with pytest.raises(bb.CheckpointError, match="malformed tensor record"):
     bb.read_state_dict(path)
 
 

@@ -66,8 +66,12 @@ def test_expanded_log_joint_matches_scipy_and_masks():
   w[3] = 0.0                                     # a masked component
   x, _ = _samples(rng, mu, covs, 80)
   mix = _mixture(w, mu, covs)
-  lj = np.asarray(jax.jit(lambda m, x: g.log_joint(g.expanded_features(x), *g.log_joint_params(m)))(
+  lj = np.asarray(jax.jit(lambda m, x: g.log_joint(x, *g.log_joint_params(m)))(
       mix, jnp.asarray(x, jnp.float32)))
+  # band by band == one matmul with the concatenated features
+  wj, bj = g.log_joint_params(mix)
+  whole = np.asarray(g.expanded_features(jnp.asarray(x, jnp.float32)) @ wj + bj)
+  np.testing.assert_allclose(lj[:, w > 0], whole[:, w > 0], rtol=1e-5, atol=1e-3)
   ref = np.stack([np.log(w[k]) + multivariate_normal(mu[k], covs[k]).logpdf(x)
                   if w[k] > 0 else np.full(len(x), -np.inf) for k in range(5)], axis=1)
   live = w > 0
@@ -84,7 +88,10 @@ def test_features_and_packing(d):
   # every unordered pair is present; duplicates only as mirrored pairs
   pairs = {(min(i, j), max(i, j)) for i, j in zip(rows, cols)}
   assert pairs == {(i, j) for i in range(d) for j in range(i, d)}
-  assert d * (d + 1) // 2 <= f <= d * (d + 1) // 2 + d * d // 16 + d
+  # the only extra columns are the mirrored pairs inside each band's diagonal block
+  bands = g.feature_bands(d)
+  assert f == d * (d + 1) // 2 + sum((e - s) * (e - s - 1) // 2 for s, e in bands)
+  assert len(bands) <= 16 and all(e - s <= max(8, -(-d // 16)) for s, e in bands)
   feats = np.asarray(jax.jit(g.expanded_features)(jnp.asarray(x)))
   assert feats.shape == (6, g.expanded_size(d)) == (6, f + d + 1)
   np.testing.assert_allclose(feats[:, :f], x[:, rows] * x[:, cols], rtol=1e-6)
@@ -147,13 +154,3 @@ def test_covariances_property():
   rng = np.random.default_rng(4)
   w, mu, covs = _random_mixture(rng, 2, 3)
   np.testing.assert_allclose(_mixture(w, mu, covs).covariances, covs, rtol=1e-5, atol=1e-6)
-
-
-def test_jit_matches_eager():
-  rng = np.random.default_rng(5)
-  w, mu, covs = _random_mixture(rng, 3, 4)
-  x, _ = _samples(rng, mu, covs, 10)
-  mix = _mixture(w, mu, covs)
-  f = lambda m, x: g.log_joint(g.expanded_features(x), *g.log_joint_params(m))
-  xj = jnp.asarray(x, jnp.float32)
-  np.testing.assert_allclose(jax.jit(f)(mix, xj), f(mix, xj), rtol=1e-6, atol=1e-5)

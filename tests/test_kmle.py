@@ -114,13 +114,18 @@ def _step_problem():
 _step_jit = jax.jit(functools.partial(kmle_step, chunk_size=64), static_argnames=("use_oas",))
 
 
+def _with_junk_rows(x):
+  """x plus 53 far-away rows that the mask switches off (they must contribute nothing)."""
+  junk = np.concatenate([x, np.full((53, x.shape[1]), 1e3)])
+  return jnp.asarray(junk, jnp.float32), jnp.arange(len(junk)) < len(x)
+
+
 @pytest.mark.parametrize("use_oas", [True, False])
 def test_step_matches_numpy_transcription(use_oas):
   x, params = _step_problem()
   reg = 1e-3
   (w_ref, mu_ref, cov_ref), stats_ref = _ref_step(*params, x, use_oas=use_oas, reg=reg)
-  new, stats = _step_jit(_mixture(*params), jnp.asarray(x, jnp.float32), use_oas=use_oas,
-                         reg_covar=reg)
+  new, stats = _step_jit(_mixture(*params), *_with_junk_rows(x), use_oas=use_oas, reg_covar=reg)
   w, mu, cov = _to_np(new)
   np.testing.assert_array_equal(stats.counts, stats_ref["counts"])
   assert list(stats_ref["counts"][3:]) == [1, 0]          # the 1-sample and the empty cluster
@@ -133,19 +138,13 @@ def test_step_matches_numpy_transcription(use_oas):
   np.testing.assert_allclose(stats.class_loglik, stats_ref["class_loglik"], rtol=1e-5)
 
 
-def test_step_jit_equals_eager_and_ignores_masked_rows():
+def test_step_jit_equals_eager():
   x, params = _step_problem()
   mix = _mixture(*params)
-  xj = jnp.asarray(x, jnp.float32)
-  jitted, s1 = _step_jit(mix, xj, use_oas=True, reg_covar=1e-3)
-  eager, s2 = kmle_step(mix, xj, use_oas=True, reg_covar=1e-3, chunk_size=64)
-  for a, b in zip(jax.tree.leaves((jitted, s1)), jax.tree.leaves((eager, s2))):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  # rows with mask False contribute nothing: same as leaving them out
-  junk = jnp.concatenate([xj, 1e3 * jnp.ones((7, 3))])
-  mask = jnp.arange(junk.shape[0]) < xj.shape[0]
-  masked, s3 = _step_jit(mix, junk, mask, use_oas=True, reg_covar=1e-3)
-  for a, b in zip(jax.tree.leaves((jitted, s1)), jax.tree.leaves((masked, s3))):
+  xj, mask = _with_junk_rows(x)
+  jitted = _step_jit(mix, xj, mask, use_oas=True, reg_covar=1e-3)
+  eager = kmle_step(mix, xj, mask, use_oas=True, reg_covar=1e-3, chunk_size=64)
+  for a, b in zip(jax.tree.leaves(jitted), jax.tree.leaves(eager)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -154,8 +153,13 @@ def test_step_jit_equals_eager_and_ignores_masked_rows():
 # ---------------------------------------------------------------------------------------------
 
 
+# Every fit below uses N = 150 samples in d = 4 (and K <= 64, one bucket), so that they share one
+# compiled step: compilation, not arithmetic, is what costs time here.
+_SIZES = (20, 25, 30, 35, 40)
+
+
 def test_recovers_planted_mixture():
-  x, labels = _planted(1)
+  x, labels = _planted(1, sizes=_SIZES)
   mix, info = fit_kmle(x, KMLEConfig(n_components=5), jax.random.key(1))
   w, mu, cov = _to_np(mix)
   assert mix.n_components == 5 and info.converged
@@ -181,7 +185,7 @@ def test_over_initialised_fit_prunes_like_numpy_reference():
   float64 transcription from the same start, each survivor inside one true cluster, and the
   survivors' weights adding up to the true proportions.
   """
-  x, labels = _planted(2, sizes=(20, 25, 30, 35, 40))
+  x, labels = _planted(2, sizes=_SIZES)
   cfg = KMLEConfig(n_components=20)
   reg = cfg.reg_covar * x.var(0).mean()
   init = kmle_init(jax.random.key(0), jnp.asarray(x - x.mean(0), jnp.float32), 20, reg_covar=reg)
@@ -204,17 +208,17 @@ def test_over_initialised_fit_prunes_like_numpy_reference():
 
 
 def test_bucket_padding_does_not_change_the_model():
-  x, _ = _planted(4, sizes=(30, 40, 50, 60, 70))
+  x, _ = _planted(4, sizes=_SIZES)
   cfg = KMLEConfig(n_components=12, max_iter=8)
-  a, ia = fit_kmle(x, cfg, jax.random.key(0))
-  b, ib = fit_kmle(x, cfg.replace(bucket=1, chunk_size=32), jax.random.key(0))
+  a, ia = fit_kmle(x, cfg, jax.random.key(0))                  # 12 live + 52 masked rows
+  b, ib = fit_kmle(x, cfg.replace(bucket=12, chunk_size=32), jax.random.key(0))  # no padding
   assert a.n_components == b.n_components and ia.n_live == ib.n_live
   for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-4)
 
 
 def test_without_oas_classification_loglik_never_decreases_and_callback_sees_it():
-  x, _ = _planted(5, sizes=(80, 90, 100, 110, 120))
+  x, _ = _planted(5, sizes=_SIZES)
   seen = []
   mix, info = fit_kmle(x, KMLEConfig(n_components=10, use_oas=False, reg_covar=1e-9),
                        jax.random.key(2), callback=lambda *a: seen.append(a))
@@ -228,7 +232,7 @@ def test_without_oas_classification_loglik_never_decreases_and_callback_sees_it(
 
 
 def test_init_is_seeded_kmeanspp_with_global_covariance():
-  x, _ = _planted(6)
+  x, _ = _planted(6, sizes=_SIZES)
   xj = jnp.asarray(x, jnp.float32)
   a = kmle_init(jax.random.key(0), xj, 8, reg_covar=0.5)
   b = kmle_init(jax.random.key(0), xj, 8, reg_covar=0.5)

@@ -145,3 +145,19 @@ def test_errors_are_clear(fitted, data, tmp_path):
     fitted.score_features(feats)
   with pytest.raises(checkpoint.CheckpointError, match="not found"):
     GLAD.load(tmp_path / "nothing")
+
+
+def test_maps_are_returned_in_the_input_frame(data):
+  """With alignment, maps computed in the reference frame are warped back onto the input images."""
+  from glad_jax import align
+
+  config = GLADConfig(backbone="resnet_tiny", image_size=64, n_components=4, max_iter=5, align="similarity")
+  model = GLAD(config)
+  yy, xx = np.mgrid[0:64, 0:64].astype(np.float32)
+  maps = np.stack([np.sin(xx / 9.0) + np.cos(yy / 7.0)] * 2)
+  params = np.array([[1.5, -2.0, 0.02, 0.05], [-3.0, 1.0, -0.03, -0.02]], np.float32)
+  in_reference_frame = np.asarray(align.warp(maps, params, "similarity", order=1))
+  back = model._unalign_maps(in_reference_frame, params)
+  interior = (slice(None), slice(8, -8), slice(8, -8))
+  np.testing.assert_allclose(back[interior], maps[interior], atol=0.05)
+  assert model._unalign_maps(maps, None) is maps

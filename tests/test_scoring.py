@@ -145,10 +145,10 @@ def test_score_end_to_end_two_layers(layer_setup):
                              rtol=1e-4, atol=1e-4)
 
   # Same model and shapes, new values: no new compilation.
-  before = scoring._score._cache_size()
+  before = scoring.score_unchecked._cache_size()
   scoring.score(layers, {"a": s["feats"] + 0.1, "b": feats2}, size=(10, 12), mask=mask,
                 quantile=0.1)
-  assert scoring._score._cache_size() == before
+  assert scoring.score_unchecked._cache_size() == before
 
 
 def test_score_validation_messages(layer_setup):

@@ -62,6 +62,8 @@ class ConvBN(nn.Module):
   bias; ``batch_stats``: mean, var) so that checkpoints map one tensor to one leaf; the
   BatchNorm is folded into the kernel at call time (a weight-sized op) which saves one full
   pass over the activations: y = conv(x, W * s) + (beta - mu * s), s = gamma / sqrt(var + eps).
+  1x1 convolutions run as matmuls and depthwise ones as shifted slices (`depthwise_conv`):
+  same results, several times faster on CPU than XLA's convolution emitter for these shapes.
 
   Attributes:
     features: number of output channels.

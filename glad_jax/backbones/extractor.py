@@ -229,7 +229,8 @@ def create_feature_extractor(name: str, layers: Sequence[str] = ("layer1", "laye
     dtype: computation dtype (float32, or bfloat16 on accelerators).
     seed: seed of weights='random'.
     cache_dir: conversion cache root (default ``$GLAD_JAX_CACHE`` or ``~/.cache/glad_jax``).
-    precision: XLA precision of convolutions (None: backend default).
+    precision: XLA precision of convolutions and matmuls (None: the backend default, which
+      may be TF32 on recent NVIDIA GPUs; jax.lax.Precision.HIGHEST for full float32).
 
   Returns:
     a `FeatureExtractor`.

@@ -10,7 +10,6 @@ Names (see `list_backbones`):
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import importlib.resources
 from pathlib import Path
 from typing import Any, Callable, Literal

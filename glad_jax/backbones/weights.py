@@ -8,8 +8,8 @@ Formats:
 - ``.safetensors`` (8-byte header length, JSON header, raw little-endian data).
 
 Unpickling is restricted: the only globals a checkpoint may name are the tensor/parameter
-rebuild functions, the typed storage classes and ``collections.OrderedDict``, each mapped to
-a local stand-in. Anything else (``os.system``, ``builtins.eval``, a model class...) is
+rebuild functions and typed storage classes (mapped to local stand-ins),
+``collections.OrderedDict`` and the few NumPy scalar/array constructors. Anything else (``os.system``, ``builtins.eval``, a model class...) is
 refused with `UnsafeCheckpointError` before anything is called: loading weights never runs
 code from the file.
 
@@ -19,6 +19,7 @@ Converted Flax variables are cached as ``.npz`` under ``$GLAD_JAX_CACHE`` (defau
 
 from __future__ import annotations
 
+import codecs
 import collections
 import hashlib
 import io
@@ -36,6 +37,11 @@ import ml_dtypes
 import numpy as np
 
 from glad_jax.backbones.keymap import CheckpointError
+
+try:
+  from numpy._core import multiarray as _np_multiarray
+except ImportError:  # NumPy < 2
+  from numpy.core import multiarray as _np_multiarray  # type: ignore[no-redef]
 
 # Bump when the Flax layout of converted variables changes: old cache files are ignored.
 CONVERTER_VERSION = 1
@@ -114,7 +120,21 @@ def _rebuild_from_type_v2(func, new_type, args, state):
   return func(*args)
 
 
+_NUMPY_SAFE = {
+    # NumPy scalars and arrays (e.g. a 'best_acc1' beside the state_dict of a training
+    # checkpoint), as PyTorch's weights_only unpickler also accepts. Object arrays unpickle
+    # their items through this same restricted unpickler.
+    **{(m, "scalar"): _np_multiarray.scalar for m in ("numpy._core.multiarray",
+                                                        "numpy.core.multiarray")},
+    **{(m, "_reconstruct"): _np_multiarray._reconstruct
+       for m in ("numpy._core.multiarray", "numpy.core.multiarray")},
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): codecs.encode,  # how protocol-2 pickles spell bytes
+}
+
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    **_NUMPY_SAFE,
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
@@ -163,12 +183,15 @@ class _RestrictedUnpickler(pickle.Unpickler):
 def _materialise(obj: Any, source: str) -> Any:
   """Replaces every `_LazyTensor` in nested containers by a NumPy array (a copy)."""
   if isinstance(obj, _LazyTensor):
-    storage, offset = obj.storage, obj.offset
+    storage, offset = obj.storage, int(obj.offset)
     limit = None
-    if isinstance(storage, tuple):  # legacy view
-      _, storage, view_offset, view_size = obj.storage
+    if isinstance(storage, tuple) and len(storage) == 4 and storage[0] == "view":  # legacy
+      _, storage, view_offset, view_size = storage
       offset += view_offset
       limit = view_offset + view_size
+    if not isinstance(storage, _Storage) or not all(
+        isinstance(v, int) for v in (*obj.size, *obj.stride)):
+      raise CheckpointError(f"{source}: malformed tensor record")
     flat = storage.data
     if flat is None:
       raise CheckpointError(f"{source}: storage {storage.key} has no data (truncated file?)")
@@ -226,12 +249,12 @@ def _load_torch_zip(path: Path) -> Any:
         if member not in names:
           raise CheckpointError(f"{source}: storage {member} is missing (truncated file?)")
         storage.data = _storage_array(zf.read(member), storage, source, little)
+    return _materialise(obj, source)
   except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, ValueError, KeyError,
           IndexError, TypeError, AttributeError, struct.error, UnicodeDecodeError) as err:
     if isinstance(err, CheckpointError):
       raise
     raise CheckpointError(f"{source}: corrupt or truncated PyTorch checkpoint ({err})") from err
-  return _materialise(obj, source)
 
 
 def _load_torch_legacy(path: Path) -> Any:
@@ -265,12 +288,12 @@ def _load_torch_legacy(path: Path) -> Any:
                                 f"{storage.numel} (corrupt file?)")
         raw = f.read(numel * storage.dtype.itemsize)
         storage.data = _storage_array(raw, storage, source, little)
+    return _materialise(obj, source)
   except (EOFError, pickle.UnpicklingError, ValueError, KeyError, IndexError, TypeError,
           AttributeError, struct.error, UnicodeDecodeError, MemoryError) as err:
     if isinstance(err, CheckpointError):
       raise
     raise CheckpointError(f"{source}: corrupt or truncated PyTorch checkpoint ({err})") from err
-  return _materialise(obj, source)
 
 
 def _load_safetensors(path: Path) -> dict[str, np.ndarray]:

@@ -11,11 +11,12 @@ Two ways to evaluate the quadratic form are provided:
   (N, K, d) square-and-sum. Robust in float32: the cancellation error of ``x P - mu P`` grows
   like ``eps * sqrt(x^T A x * maha)``.
 * expanded (`expanded_features` + `log_joint_params`): with ``A_k = Sigma_k^{-1}``,
-  ``maha = sum_{i<=j} c_ij A_k,ij x_i x_j - 2 (A_k mu_k)^T x + mu_k^T A_k mu_k`` is a single
-  (N, F + d + 1) x (F + d + 1, K) matmul, F ~ d(d+1)/2: half the flops of the direct form, a
-  large inner dimension (BLAS-friendly) and no (N, K, d) intermediate. The price is float32
+  ``maha = sum_{i<=j} c_ij A_k,ij x_i x_j - 2 (A_k mu_k)^T x + mu_k^T A_k mu_k`` is linear in the
+  features [x_i x_j, x, 1], so all K distances are one (N, F + d + 1) x (F + d + 1, K) matmul
+  (F ~ d(d+1)/2; `log_joint` runs it band by band): half the flops of the direct form, a large
+  inner dimension (BLAS-friendly) and no (N, K, d) intermediate. The price is float32
   cancellation of order ``eps * x^T A x`` (instead of ``eps * maha``), so callers centre the data
-  (the fitters subtract the global mean) and the big matmuls ask for full float32 precision
+  (the fitters subtract the global mean) and the matmuls ask for full float32 precision
   (``Precision.HIGHEST``: no TF32 on GPUs). This is the hot loop of K-MLE and EM.
 """
 
@@ -109,15 +110,18 @@ def component_log_prob(x: jax.Array, means: jax.Array, prec_chol: jax.Array,
 # ----------------------------------------------------------------------------------------------
 
 
-_MAX_BANDS = 16
-
-
 @functools.lru_cache(maxsize=None)
-def _bands(d: int) -> tuple[tuple[int, int], ...]:
-  # Rows are grouped in at most 16 bands: one concatenate of <= 16 broadcast products compiles in
-  # well under a second for d = 1024 (one slice per row took 15 s at d = 512), at the price of
-  # the lower triangles of the diagonal blocks being computed twice (~d^2/32 extra features).
-  b = -(-d // _MAX_BANDS)
+def feature_bands(d: int) -> tuple[tuple[int, int], ...]:
+  """Row bands [s, e) of the quadratic features: about 8 rows each, at most 16 bands.
+
+  Band [s, e) holds the products x_i x_j for s <= i < e and j >= s: a (B, d - s) block of the
+  upper triangle plus the lower triangle of its diagonal block (computed twice, a (B - 1)/(d + 1)
+  flop overhead). Bands keep every array a plain broadcast product: one piece per row compiled
+  in 15 s at d = 512, and concatenating the bands costs as much as building them on CPU, so the
+  hot loop multiplies band by band (`log_joint`) and never concatenates.
+  """
+  n_bands = min(16, -(-d // 8))
+  b = -(-d // n_bands)
   return tuple((s, min(s + b, d)) for s in range(0, d, b))
 
 
@@ -125,11 +129,12 @@ def _bands(d: int) -> tuple[tuple[int, int], ...]:
 def quadratic_pairs(d: int) -> tuple[np.ndarray, np.ndarray]:
   """Index pairs (i, j) of the `quadratic_features` columns, two int arrays of shape (F,).
 
-  Band by band: rows i of a band [s, e) times columns j >= s. Every pair i <= j appears at least
-  once; pairs i > j appear only inside a diagonal block (their mirror appears there too).
+  Band by band (`feature_bands`): rows i of a band [s, e) times columns j >= s. Every pair
+  i <= j appears at least once; pairs i > j appear only inside a diagonal block (their mirror
+  appears there too).
   """
   rows, cols = [], []
-  for s, e in _bands(d):
+  for s, e in feature_bands(d):
     ii, jj = np.meshgrid(np.arange(s, e), np.arange(s, d), indexing="ij")
     rows.append(ii.ravel())
     cols.append(jj.ravel())
@@ -137,7 +142,7 @@ def quadratic_pairs(d: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def quadratic_size(d: int) -> int:
-  """F, the number of `quadratic_features`: about d (d + 1) / 2 (+ ~3% duplicated pairs)."""
+  """F, the number of quadratic features: d (d + 1) / 2 plus the duplicated pairs (<= ~d^2/16)."""
   return int(quadratic_pairs(d)[0].size)
 
 
@@ -146,25 +151,38 @@ def expanded_size(d: int) -> int:
   return quadratic_size(d) + d + 1
 
 
+def quadratic_blocks(x: jax.Array) -> list[jax.Array]:
+  """The quadratic features band by band (no concatenation).
+
+  Args:
+    x: array of shape (N, d).
+
+  Returns:
+    one array per band [s, e) of `feature_bands(d)`, of shape (N, (e - s) (d - s)); their
+    concatenation is `quadratic_features(x)`.
+  """
+  n = x.shape[0]
+  return [(x[:, s:e, None] * x[:, None, s:]).reshape(n, -1) for s, e in feature_bands(x.shape[1])]
+
+
 def quadratic_features(x: jax.Array) -> jax.Array:
   """Products x_i x_j for the pairs of `quadratic_pairs` (every i <= j at least once).
 
   Args:
-    x: array of shape (..., d).
+    x: array of shape (N, d).
 
   Returns:
-    array of shape (..., F), F = `quadratic_size(d)`.
+    array of shape (N, F), F = `quadratic_size(d)`.
   """
-  lead = x.shape[:-1]
-  parts = [(x[..., s:e, None] * x[..., None, s:]).reshape(lead + (-1,)) for s, e in _bands(x.shape[-1])]
-  return jnp.concatenate(parts, axis=-1)
+  return jnp.concatenate(quadratic_blocks(x), axis=-1)
 
 
 def expanded_features(x: jax.Array) -> jax.Array:
   """[x_i x_j (pairs of `quadratic_pairs`), x, 1]: all a Gaussian log-density and M-step need.
 
-  ``expanded_features(x) @ W`` gives all K quadratic forms at once (`log_joint_params`), and a
-  (weighted) sum of the rows gives a cluster's second moments, sums and count in one pass.
+  ``expanded_features(x) @ w`` with w from `log_joint_params` gives all K log-densities at once,
+  and a (weighted) sum of the rows gives a cluster's second moments, sums and count. The fitters
+  use the same layout band by band (`split_rows`) without building this concatenation.
 
   Args:
     x: array of shape (N, d).
@@ -174,6 +192,16 @@ def expanded_features(x: jax.Array) -> jax.Array:
   """
   ones = jnp.ones(x.shape[:-1] + (1,), x.dtype)
   return jnp.concatenate([quadratic_features(x), x, ones], axis=-1)
+
+
+def split_rows(a: jax.Array, d: int) -> list[jax.Array]:
+  """Split the leading axis of an (F + d + 1, ...) array like `expanded_features`' columns.
+
+  Returns:
+    [one (F_b, ...) piece per band, the (d, ...) linear piece, the (1, ...) constant piece].
+  """
+  sizes = [(e - s) * (d - s) for s, e in feature_bands(d)] + [d, 1]
+  return jnp.split(a, np.cumsum(sizes)[:-1].tolist(), axis=0)
 
 
 def pack_quadratic(a: jax.Array) -> jax.Array:
@@ -198,7 +226,7 @@ def _pair_multiplicity(d: int) -> np.ndarray:
   present once 2."""
   rows, cols = quadratic_pairs(d)
   band = np.zeros(d, np.int64)
-  for b, (s, e) in enumerate(_bands(d)):
+  for b, (s, e) in enumerate(feature_bands(d)):
     band[s:e] = b
   twice = (rows != cols) & (band[rows] == band[cols])
   return np.where((rows == cols) | twice, 1.0, 2.0)
@@ -237,7 +265,7 @@ def mahalanobis_sq_expanded(x: jax.Array, means: jax.Array, prec_chol: jax.Array
   (N, F): callers chunk N.
   """
   w, c = mahalanobis_params(means, prec_chol)
-  return jnp.dot(expanded_features(x), w, precision=_HIGHEST) + c[None, :]
+  return log_joint(x, w, c)
 
 
 def log_joint_params(mixture: GaussianMixture) -> tuple[jax.Array, jax.Array]:
@@ -263,6 +291,23 @@ def log_joint_params(mixture: GaussianMixture) -> tuple[jax.Array, jax.Array]:
   return -0.5 * w, b
 
 
-def log_joint(features: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
-  """log pi_k + log N(x_n; k) from `expanded_features` and `log_joint_params`; (N, K)."""
-  return jnp.dot(features, w, precision=_HIGHEST) + b[None, :]
+def log_joint(x: jax.Array, w: jax.Array | list[jax.Array], b: jax.Array) -> jax.Array:
+  """log pi_k + log N(x_n; k) from samples and `log_joint_params`; (N, d) -> (N, K).
+
+  Equals ``expanded_features(x) @ w + b`` but multiplies band by band (one float32 matmul per
+  band of `feature_bands`), which avoids materialising the concatenated features.
+
+  Args:
+    x: array of shape (N, d).
+    w: array of shape (F + d + 1, K), or its `split_rows` pieces (split once, outside a loop).
+    b: array of shape (K,).
+
+  Returns:
+    array of shape (N, K).
+  """
+  d = x.shape[1]
+  pieces = w if isinstance(w, (list, tuple)) else split_rows(w, d)
+  out = jnp.dot(x, pieces[-2], precision=_HIGHEST) + b[None, :]
+  for block, wb in zip(quadratic_blocks(x), pieces[:-2]):
+    out = out + jnp.dot(block, wb, precision=_HIGHEST)
+  return out

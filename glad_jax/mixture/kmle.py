@@ -13,9 +13,9 @@ no samples are dropped"; a 1-sample cluster has zero scatter, see `oas`).
 Implementation:
 
 * One pass over the samples per iteration, chunked (``lax.scan``), memory O(N + K d^2): per chunk
-  the features ``g = [u_i u_j (i <= j), u, 1]`` (`gaussian.expanded_features`) give all K
-  log-densities in one float32 matmul and, summed per cluster (``segment_sum``), the cluster's
-  second moments, sums and count. No N x K x d array exists.
+  the features ``g = [u_i u_j (i <= j), u, 1]`` (`gaussian.expanded_features`, built band by
+  band) give all K log-densities by float32 matmuls and, summed per cluster (``segment_sum``),
+  the cluster's second moments, sums and count. No N x K x d array exists.
 * Data parallel: with a mesh, each device reduces its rows and one ``psum`` adds the
   statistics (`glad_jax.sharding`); the M-step is replicated.
 * K shrinks: the jitted step keeps a fixed number of rows, dead components masked by weight 0
@@ -44,9 +44,9 @@ from flax import struct
 from jax.sharding import Mesh
 
 from glad_jax import sharding
-from glad_jax.mixture.gaussian import (GaussianMixture, expanded_features, expanded_size,
-                                       log_joint, log_joint_params, quadratic_size,
-                                       unpack_quadratic)
+from glad_jax.mixture.gaussian import (GaussianMixture, expanded_size, log_joint,
+                                       log_joint_params, quadratic_blocks, quadratic_size,
+                                       split_rows, unpack_quadratic)
 from glad_jax.mixture.oas import oas_covariance
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -186,31 +186,34 @@ def sufficient_statistics(params: tuple[jax.Array, jax.Array], x: jax.Array, mas
   cs = min(chunk_size, n)
   xs = x.reshape(n // cs, cs, d)
   ms = mask.reshape(n // cs, cs)
+  w_pieces = split_rows(w, d)        # split once, outside the loop: one matmul per band
 
   def body(carry, inputs):
     moments, ll, ll_c, cl, cl_c = carry
     xb, mb = inputs
-    g = expanded_features(xb)                       # (cs, D)
-    lj = log_joint(g, w, b)                         # (cs, K): log pi_k + log N(u; k)
+    blocks = quadratic_blocks(xb)                   # [(cs, F_b)]: no concatenation
+    lj = log_joint(xb, w_pieces, b)                 # (cs, K): log pi_k + log N(u; k)
     lse = jax.nn.logsumexp(lj, axis=1)              # log sum_k pi_k N(u; k)
     best = jnp.max(lj, axis=1)
+    feats = blocks + [xb, jnp.ones((cs, 1), x.dtype)]
     if hard:
       # Eq. 1 with the likelihood-correct sign: argmax_k log pi_k N(u; k) is
       # argmin_k maha + log|Sigma_k| - 2 log pi_k (the paper prints "+ 2 log pi_k", which would
       # favour *small* clusters and does not maximise the complete log-likelihood).
       z = jnp.where(mb, jnp.argmax(lj, axis=1), k)  # padding rows go to a discarded segment
-      moments = moments + jax.ops.segment_sum(g, z, num_segments=k + 1)[:k]
+      moments = [m + jax.ops.segment_sum(f, z, num_segments=k + 1)[:k]
+                 for m, f in zip(moments, feats)]
     else:
       resp = jnp.exp(lj - lse[:, None]) * mb[:, None]
-      moments = moments + jnp.dot(resp.T, g, precision=_HIGHEST)
+      moments = [m + jnp.dot(resp.T, f, precision=_HIGHEST) for m, f in zip(moments, feats)]
     ll, ll_c = _two_sum(ll, ll_c, jnp.sum(jnp.where(mb, lse, 0.0)))
     cl, cl_c = _two_sum(cl, cl_c, jnp.sum(jnp.where(mb, best, 0.0)))
     return (moments, ll, ll_c, cl, cl_c), None
 
   zero = jnp.zeros((), x.dtype)
-  init = (jnp.zeros((k, w.shape[0]), x.dtype), zero, zero, zero, zero)
+  init = ([jnp.zeros((k, p.shape[0]), x.dtype) for p in w_pieces], zero, zero, zero, zero)
   (moments, ll, _, cl, _), _ = jax.lax.scan(body, init, (xs, ms))
-  return SufficientStats(moments=moments, loglik=ll, class_loglik=cl,
+  return SufficientStats(moments=jnp.concatenate(moments, axis=1), loglik=ll, class_loglik=cl,
                          n_samples=jnp.sum(mask.astype(x.dtype)))
 
 

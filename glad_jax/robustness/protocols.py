@@ -59,7 +59,7 @@ CONTAMINATION_SIZES = (10, 40)  # anomalous images moved into training (robustne
 _MB = 1e6
 
 
-# ------------------------------------------------------------------------------------------- methods
+# ------------------------------------------------------------------------------------------ methods
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +154,8 @@ def select_methods(config: GLADConfig, names: Sequence[str]) -> tuple[Method, ..
 
 
 def make_extractor(config: GLADConfig, methods: Sequence[Method]) -> FeatureExtractor:
-  """The shared backbone: `config`'s backbone, weights and image size, every layer any method uses."""
+  """The shared backbone: `config`'s backbone, weights and image size; every layer any method
+  uses."""
   from glad_jax.backbones import create_feature_extractor
 
   layers = []
@@ -174,6 +175,11 @@ def _check_methods(methods: Sequence[Method], extractor: FeatureExtractor) -> tu
   for m in methods:
     if (m.glad is None) == (m.baseline is None):
       raise ValueError(f"method {m.name!r} must have exactly one of glad= or baseline=")
+    if m.baseline is not None:
+      config_cls = get_baseline(m.baseline).config_cls  # raises for an unknown name
+      if not isinstance(m.baseline_config, config_cls):
+        raise ValueError(f"method {m.name!r}: baseline_config must be a {config_cls.__name__}, "
+                         f"got {type(m.baseline_config).__name__} (see baseline_method)")
     missing = [name for name in m.layers if name not in extractor.layers]
     if missing:
       raise ValueError(f"method {m.name!r} uses layer(s) {missing} that the shared extractor does "
@@ -287,21 +293,6 @@ def _subset_extractor(extractor: FeatureExtractor, layers: tuple[str, ...]) -> F
                           extractor.dtype, extractor.module.precision)
 
 
-def _differentiable(layer: scoring.LayerModel) -> scoring.LayerModel:
-  """The same layer model with its padding tiles pointing at position 0 instead of the dummy h*w.
-
-  Padding entries carry log-weight -inf, so the forward pass is unchanged; but the dummy
-  position's empty logsumexp is log(0), whose derivative (0/0) turns the gradient of the last
-  feature position into NaN in `scoring.sparse_log_likelihood`, and PGD then spreads the NaN
-  over the image. Pointing the padding at a real position leaves the dummy segment empty.
-  """
-  if layer.local is None:
-    return layer
-  n_pos = layer.local.n_positions
-  pos = jnp.where(layer.local.tile_position >= n_pos, 0, layer.local.tile_position)
-  return layer.replace(local=layer.local.replace(tile_position=pos))
-
-
 def _glad_apply(extractor_apply, quantile: float, size: tuple[int, int], params, state, images):
   feats = extractor_apply(params, images)
   out = scoring.score_unchecked(state["layers"], feats, state["mask"],
@@ -323,7 +314,8 @@ class FittedMethod:
     apply: pure, differentiable ``apply(params, state, images (B, S, S, 3) uint8 or float in
       [0, 1]) -> (image scores (B,), anomaly maps (B, S, S))``: backbone + scorer.
     params: the backbone's parameters.
-    fit_seconds: wall time of the fit on precomputed features (backbone excluded).
+    fit_seconds: wall time of the fit on precomputed features (backbone excluded; includes the
+      JIT compilation of the fit's functions the first time a shape is seen).
     size_bytes: bytes of the fitted arrays (backbone weights excluded: shared by all methods).
     model: the `GLAD` object or the baseline state.
     image_size: S, the side of the images and anomaly maps.
@@ -347,7 +339,7 @@ class FittedMethod:
 
   def score_features(self, features: Mapping[str, np.ndarray], batch_size: int = 16
                      ) -> tuple[np.ndarray, np.ndarray]:
-    """(image scores (N,), anomaly maps (N, S, S)) from precomputed features {layer: (N, h, w, d)}."""
+    """(image scores (N,), anomaly maps (N, S, S)) of precomputed features {layer: (N, h, w, d)}."""
     layers = self.method.layers
     n = next(iter(features.values())).shape[0]
 
@@ -435,7 +427,7 @@ def fit_method(method: Method, train: ImageSet, extractor: FeatureExtractor, *, 
     model.fit_features(feats, aligned_images=train.images, progress=progress)
     seconds = time.perf_counter() - t0
     model.reference = train.reference
-    state = {"layers": {n: _differentiable(l) for n, l in model.layer_models().items()},
+    state = {"layers": model.layer_models(),
              "mask": None if model.mask is None else jnp.asarray(model.mask)}
     apply = functools.partial(_glad_apply, apply_fn, float(cfg.quantile), (size, size))
     nbytes = model.model_size_bytes()
@@ -562,8 +554,9 @@ def run_standard(methods: Sequence[Method], train_images: Any, test: ImageBatch,
 
   Returns:
     `ProtocolResult` with one row per method: image_auroc, pixel_auroc, aupro (None without
-    masks), fit_s (on precomputed features), inference_ms (backbone + scorer per image, one
-    jitted function, compile excluded), size_mb (fitted arrays, 1 MB = 1e6 bytes), n_train,
+    masks), fit_s (on precomputed features; includes JIT compilation, which dominates on tiny
+    data), inference_ms (backbone + scorer per image, one jitted function, compile excluded),
+    size_mb (fitted arrays, 1 MB = 1e6 bytes), n_train,
     n_test; details['scores'][method] the test image scores, details['labels'].
   """
   from glad_jax.commands import evaluate
@@ -644,7 +637,8 @@ def run_rd(methods: Sequence[Method], train_images: Any, test: ImageBatch, *,
     details['scores'][v][method] the test scores of version v (0 = normal).
   """
   methods = _check_methods(methods, extractor)
-  if isinstance(n_versions, bool) or not isinstance(n_versions, (int, np.integer)) or n_versions < 1:
+  if (isinstance(n_versions, bool) or not isinstance(n_versions, (int, np.integer))
+      or n_versions < 1):
     raise ValueError(f"n_versions must be a positive integer, got {n_versions!r}")
   train_images, test = _prepare(train_images, test, extractor.image_size)
   labels = test.labels
@@ -666,7 +660,7 @@ def run_rd(methods: Sequence[Method], train_images: Any, test: ImageBatch, *,
   for m in methods:
     aucs = [_auroc(labels, per_version[v][m.name]) for v in range(n_versions + 1)]
     row: dict[str, Any] = {"method": m.name, "normal_auroc": aucs[0]}
-    errors = [per_version[v][m.name] for v in per_version if isinstance(per_version[v][m.name], str)]
+    errors = [s[m.name] for s in per_version.values() if isinstance(s[m.name], str)]
     if errors:
       rows.append({**row, "error": errors[0]})
       continue
@@ -727,7 +721,8 @@ def run_contamination(methods: Sequence[Method], train_images: Any, test: ImageB
   Returns:
     `ProtocolResult` with one row per (method, N): n_requested, n_moved, n_train, n_test,
     n_test_anomalous, clean_auroc, contaminated_auroc, drop = clean - contaminated;
-    details['moved'][N] / details['kept'][N] the test indices moved / kept.
+    details['moved'][N] / details['kept'][N] the test indices moved / kept,
+    details['scores'][N][method] the contaminated model's scores of the kept test images.
   """
   methods = _check_methods(methods, extractor)
   sizes = tuple(sizes)
@@ -778,7 +773,7 @@ def run_contamination(methods: Sequence[Method], train_images: Any, test: ImageB
       "contamination", rows,
       {"sizes": list(sizes), "seed": seed, "min_test_anomalous": min_test_anomalous},
       {"moved": {n: s[0] for n, s in splits.items()}, "kept": {n: s[1] for n, s in splits.items()},
-       "labels": labels})
+       "scores": {n: results[tuple(splits[n][0].tolist())] for n in sizes}, "labels": labels})
 
 
 # ------------------------------------------------------------------------------------- adversarial
