@@ -14,7 +14,8 @@ One run, one backbone, the same training features for the three methods. What it
      model s      the method's fit alone (features given);
      b1 / b16     inference ms per image at batch 1 / 16: ONE jitted function from uint8 images to image
                   scores and anomaly maps (backbone + method), best of `--repeats` after a warm-up call;
-     xbb1 / xbb16 those times divided by the backbone-only times of step 2 (1.00 = the pipeline costs no more
+     xbb1 / xbb16 those times divided by the backbone-only times measured in the same rounds (interleaved
+                  calls, so that a change of machine load hits both alike; 1.00 = the pipeline costs no more
                   than the network forward pass);
      fit MB       peak host RSS during the method's fit (features given) above the RSS before it;
      inf MB       peak host RSS while scoring the test set (batch 16) above the RSS before it;
@@ -22,7 +23,8 @@ One run, one backbone, the same training features for the three methods. What it
      model MB     bytes of the fitted model's arrays;
      img AUROC / px AUROC  on the (possibly subsampled) test split;
 5. with `--max-samples-sweep 50000,200000,...`: GLAD refitted with each cap on the global fit's samples (the
-   local weights always use every sample): global-fit seconds, total fit seconds, image and pixel AUROC.
+   local weights always use every sample): seconds of the global fits, of the local fits and in all, K at the end
+   per layer, image and pixel AUROC.
 
 Timings are the best of several calls (the machine may be shared); memory is the process's resident set
 size (RSS) sampled every 2 ms plus the kernel's exact lifetime peak (see glad_jax.profiling).
@@ -38,7 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
+import os
 import pathlib
 import sys
 import time
@@ -69,6 +71,8 @@ class Row:
   model_s: float
   b1_ms: float
   b16_ms: float
+  bb1_ms: float  # backbone alone, timed in the same rounds as b1_ms / b16_ms
+  bb16_ms: float
   fit_bytes: int
   infer_bytes: int
   device_bytes: int | None
@@ -94,13 +98,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--methods", default="glad,padim,patchcore", help="comma-separated subset of glad,padim,patchcore")
   p.add_argument("--repeats", type=int, default=5, help="timed calls per inference measurement")
   p.add_argument("--quick", action="store_true",
-                 help="small run (~1 min on 2 CPU cores): 20 train / 16 test images, K=32, 10 iterations")
+                 help="small run (~1 min on 2 CPU cores): 20 train / 16 test images, K=32, 5 iterations")
   args = p.parse_args(argv)
   if args.quick:
     args.max_train = args.max_train or 20
     args.max_test = args.max_test or 16
     args.k = min(args.k, 32)
-    args.max_iter = min(args.max_iter, 10)
+    args.max_iter = min(args.max_iter, 5)
     args.repeats = min(args.repeats, 3)
   return args
 
@@ -152,13 +156,23 @@ def score_in_batches(fn: Callable, images: np.ndarray, batch: int = 16) -> tuple
   return np.concatenate(scores), np.concatenate(maps)
 
 
-def inference_ms(fn: Callable, images: np.ndarray, repeats: int) -> tuple[float, float]:
-  """Best ms per image of fn at batch 1 and batch 16 (compilation excluded)."""
-  out = []
+def inference_ms(fn: Callable, images: np.ndarray, repeats: int,
+                 backbone: Callable | None = None) -> tuple[float, ...]:
+  """Best ms per image of fn at batch 1 and batch 16 (compilation excluded); with `backbone`, also the
+  backbone's, timed in alternation with fn (one call of each per round): (fn b1, fn b16[, bb b1, bb b16])."""
+  fns = [fn] if backbone is None else [fn, backbone]
+  best = {}
   for b in (1, 16):
     x = batch_of(images, b)
-    out.append(1000.0 * profiling.time_call(fn, x, repeats=repeats, warmup=1).best / b)
-  return out[0], out[1]
+    times = [[] for _ in fns]
+    for f in fns:  # warm-up: compilation
+      jax.block_until_ready(f(x))
+    for _ in range(repeats):
+      for i, f in enumerate(fns):
+        times[i].append(profiling.time_call(f, x, repeats=1, warmup=0).best)
+    for i in range(len(fns)):
+      best[i, b] = 1000.0 * min(times[i]) / b
+  return tuple(best[i, b] for i in range(len(fns)) for b in (1, 16))
 
 
 def auroc_pair(test: mvtec.ImageBatch, scores: np.ndarray, maps: np.ndarray) -> tuple[float, float | None]:
@@ -175,6 +189,13 @@ def _device_peak(*reports: profiling.MemoryReport) -> int | None:
   return max(peaks) if peaks else None
 
 
+def _load() -> str:
+  try:
+    return "/".join(f"{v:.1f}" for v in os.getloadavg())
+  except OSError:
+    return "n/a"
+
+
 def _fmt(x: float | None, spec: str) -> str:
   return "n/a" if x is None else format(x, spec)
 
@@ -183,25 +204,23 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def run_glad(config: GLADConfig, extractor, train_feats, features_s: float, test: mvtec.ImageBatch,
-             args: argparse.Namespace) -> tuple[Row, GLAD, dict]:
+             args: argparse.Namespace, backbone: Callable) -> tuple[Row, GLAD]:
   model = GLAD(config, extractor=extractor)
-  stages = profiling.StageTimer()
   with profiling.PeakMemory() as fit_mem:
-    stages.start()
-    model.fit_features(train_feats, progress=stages)
+    model.fit_features(train_feats)
   fn = model.score_fn()
-  b1, b16 = inference_ms(fn, test.images, args.repeats)
+  b1, b16, bb1, bb16 = inference_ms(fn, test.images, args.repeats, backbone)
   with profiling.PeakMemory() as inf_mem:
     scores, maps = score_in_batches(fn, test.images)
   img, px = auroc_pair(test, scores, maps)
-  row = Row("GLAD", features_s + fit_mem.report.seconds, fit_mem.report.seconds, b1, b16,
+  row = Row("GLAD", features_s + fit_mem.report.seconds, fit_mem.report.seconds, b1, b16, bb1, bb16,
             fit_mem.report.host_increase, inf_mem.report.host_increase,
             _device_peak(fit_mem.report, inf_mem.report), model.model_size_bytes(), img, px)
-  return row, model, stages.seconds
+  return row, model
 
 
 def run_baseline(name: str, extractor, train_feats, features_s: float, test: mvtec.ImageBatch,
-                 args: argparse.Namespace) -> Row:
+                 args: argparse.Namespace, backbone: Callable) -> Row:
   method = get_baseline(name)
   if name == "padim":
     config = PadimConfig.for_backbone(args.backbone)
@@ -217,12 +236,12 @@ def run_baseline(name: str, extractor, train_feats, features_s: float, test: mvt
     return method.score(state, extractor.apply(params, images), out_size=size)
 
   fn = lambda images: fused(extractor.params, state, images)  # noqa: E731
-  b1, b16 = inference_ms(fn, test.images, args.repeats)
+  b1, b16, bb1, bb16 = inference_ms(fn, test.images, args.repeats, backbone)
   with profiling.PeakMemory() as inf_mem:
     scores, maps = score_in_batches(fn, test.images)
   img, px = auroc_pair(test, scores, maps)
   label = {"padim": "PaDiM", "patchcore": "PatchCore"}[name]
-  return Row(label, features_s + fit_mem.report.seconds, fit_mem.report.seconds, b1, b16,
+  return Row(label, features_s + fit_mem.report.seconds, fit_mem.report.seconds, b1, b16, bb1, bb16,
              fit_mem.report.host_increase, inf_mem.report.host_increase,
              _device_peak(fit_mem.report, inf_mem.report), model_size_bytes(state), img, px)
 
@@ -250,6 +269,7 @@ def scoring_profile(model: GLAD, test_feats: dict, repeats: int) -> dict[str, fl
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  sys.stdout.reconfigure(line_buffering=True)  # long runs: show each line as it comes
   methods = [m.strip() for m in args.methods.split(",") if m.strip()]
   bad = sorted(set(methods) - {"glad", "padim", "patchcore"})
   if bad:
@@ -266,6 +286,7 @@ def main(argv=None) -> int:
         f"({int(test.labels.sum())} anomalous), decoded to {config.image_size}x{config.image_size} in {t_load:.1f} s")
   print(f"backbone: {config.backbone} ({config.backbone_dtype}, weights {config.weights or 'packaged'}), "
         f"layers {dict(extractor.feature_shapes())}")
+  print(f"load average at start: {_load()} (the machine may be shared: timings are best-of-{args.repeats})")
   print(f"GLAD: K={config.n_components}, max_iter={config.max_iter}, max_samples={config.max_samples}, "
         f"radius={config.radius}, quantile={config.quantile}")
 
@@ -282,7 +303,7 @@ def main(argv=None) -> int:
 
   rows = []
   if "glad" in methods:
-    row, model, stages = run_glad(config, extractor, train_feats, features_s, test, args)
+    row, model = run_glad(config, extractor, train_feats, features_s, test, args, bb)
     rows.append(row)
     print("\nGLAD fit profile:")
     print(f"  {'layer':8s} {'samples':>9s} {'global':>9s} {'d':>4s} {'grid':>7s} {'iter':>5s} {'K end':>6s} "
@@ -301,23 +322,24 @@ def main(argv=None) -> int:
     del model
   for name in ("padim", "patchcore"):
     if name in methods:
-      rows.append(run_baseline(name, extractor, train_feats, features_s, test, args))
+      rows.append(run_baseline(name, extractor, train_feats, features_s, test, args, bb))
 
   print(f"\n{'method':10s} {'fit s':>7s} {'model s':>8s} {'b1 ms':>7s} {'b16 ms':>7s} {'xbb1':>5s} {'xbb16':>6s} "
         f"{'fit MB':>7s} {'inf MB':>7s} {'dev MB':>7s} {'model MB':>9s} {'img AUROC':>10s} {'px AUROC':>9s}")
   print(f"{'backbone':10s} {features_s:7.1f} {'':>8s} {bb1:7.1f} {bb16:7.1f} {1.0:5.2f} {1.0:6.2f}")
   for r in rows:
     dev_mb = None if r.device_bytes is None else r.device_bytes / MB
-    print(f"{r.method:10s} {r.fit_s:7.1f} {r.model_s:8.1f} {r.b1_ms:7.1f} {r.b16_ms:7.1f} {r.b1_ms / bb1:5.2f} "
-          f"{r.b16_ms / bb16:6.2f} {r.fit_bytes / MB:7.0f} {r.infer_bytes / MB:7.0f} {_fmt(dev_mb, '7.0f'):>7s} "
+    print(f"{r.method:10s} {r.fit_s:7.1f} {r.model_s:8.1f} {r.b1_ms:7.1f} {r.b16_ms:7.1f} {r.b1_ms / r.bb1_ms:5.2f} "
+          f"{r.b16_ms / r.bb16_ms:6.2f} {r.fit_bytes / MB:7.0f} {r.infer_bytes / MB:7.0f} {_fmt(dev_mb, '7.0f'):>7s} "
           f"{r.model_bytes / MB:9.2f} {r.image_auroc:10.4f} {_fmt(r.pixel_auroc, '9.4f'):>9s}")
-  print(f"peak host RSS of the whole run: {profiling.host_peak_rss_bytes() / MB:.0f} MB")
+  print(f"peak host RSS of the whole run: {profiling.host_peak_rss_bytes() / MB:.0f} MB; load average now {_load()}")
 
   if args.max_samples_sweep:
     values = [int(v) for v in args.max_samples_sweep.split(",") if v.strip()]
     test_all = extractor(test.images, batch_size=16)
     print("\nmax_samples sweep (GLAD; local weights always use every sample):")
-    print(f"  {'max_samples':>11s} {'global s':>9s} {'fit s':>7s} {'img AUROC':>10s} {'px AUROC':>9s}")
+    print(f"  {'max_samples':>11s} {'global s':>9s} {'local s':>8s} {'fit s':>7s} {'K end':>15s} {'img AUROC':>10s} "
+          f"{'px AUROC':>9s}")
     for v in values:
       cfg = config.replace(max_samples=v or None)
       model = GLAD(cfg, extractor=extractor)
@@ -327,7 +349,10 @@ def main(argv=None) -> int:
       pred = model.score_features(test_all)
       img, px = auroc_pair(test, pred.image_scores, pred.anomaly_maps)
       global_s = sum(i.seconds_global for i in model.fit_info.values())
-      print(f"  {v or 'all':>11} {global_s:9.1f} {fit_s:7.1f} {img:10.4f} {_fmt(px, '9.4f'):>9s}", flush=True)
+      local_s = sum(i.seconds_local for i in model.fit_info.values())
+      k_end = "/".join(str(i.n_components) for i in model.fit_info.values())
+      print(f"  {v or 'all':>11} {global_s:9.1f} {local_s:8.1f} {fit_s:7.1f} {k_end:>15s} {img:10.4f} "
+            f"{_fmt(px, '9.4f'):>9s}")
   return 0
 
 

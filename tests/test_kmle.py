@@ -11,7 +11,7 @@ from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
 from glad_jax.mixture import GaussianMixture, KMLEConfig, fit_kmle, kmle_init, kmle_step
-from glad_jax.mixture.kmle import _resize
+from glad_jax.mixture.kmle import SufficientStats, _resize, cluster_moments, m_step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,6 +148,31 @@ def test_step_jit_equals_eager():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_cluster_moments_match_numpy_with_ignored_rows_and_empty_clusters():
+  rng = np.random.default_rng(3)
+  n, d, k = 203, 3, 7
+  x = (1e3 + 0.01 * rng.normal(size=(n, d))).astype(np.float32)   # far from the origin
+  z = rng.integers(0, k + 1, size=n).astype(np.int32)             # k = ignored row
+  z[z == 4] = 5                                                   # an empty cluster
+  shift = (1e3 + 0.01 * rng.normal(size=(k, d))).astype(np.float32)
+  counts, sums, scatter = jax.jit(cluster_moments)(jnp.asarray(x), jnp.asarray(z),
+                                                   jnp.asarray(shift))
+  x64, s64 = x.astype(np.float64), shift.astype(np.float64)
+  for j in range(k):
+    diff = x64[z == j] - s64[j]
+    assert counts[j] == len(diff)
+    np.testing.assert_allclose(sums[j], diff.sum(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(scatter[j], diff.T @ diff, rtol=1e-4, atol=1e-8)
+  # Eq. 3 through the shifted sums stays accurate 1e5 standard deviations from the origin.
+  stats = SufficientStats(counts=counts, sums=sums, scatter=scatter, loglik=jnp.zeros(()),
+                          class_loglik=jnp.zeros(()), n_samples=jnp.float32(n))
+  new, _ = m_step(stats, jnp.asarray(shift), use_oas=False, reg_covar=0.0, min_cluster_size=2)
+  for j in range(k):
+    if (z == j).sum() >= 2:
+      np.testing.assert_allclose(new.covariances[j], np.cov(x64[z == j].T, bias=True),
+                                 rtol=1e-3, atol=1e-9)
+
+
 # ---------------------------------------------------------------------------------------------
 # fits
 # ---------------------------------------------------------------------------------------------
@@ -211,7 +236,7 @@ def test_bucket_padding_does_not_change_the_model():
   x, _ = _planted(4, sizes=_SIZES)
   cfg = KMLEConfig(n_components=12, max_iter=8)
   a, ia = fit_kmle(x, cfg, jax.random.key(0))                  # 12 live + 52 masked rows
-  b, ib = fit_kmle(x, cfg.replace(bucket=12, chunk_size=32), jax.random.key(0))  # no padding
+  b, ib = fit_kmle(x, cfg.replace(bucket=12), jax.random.key(0))  # no masked rows
   assert a.n_components == b.n_components and ia.n_live == ib.n_live
   for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-4)
@@ -220,14 +245,16 @@ def test_bucket_padding_does_not_change_the_model():
 def test_without_oas_classification_loglik_never_decreases_and_callback_sees_it():
   x, _ = _planted(5, sizes=_SIZES)
   seen = []
-  mix, info = fit_kmle(x, KMLEConfig(n_components=10, use_oas=False, reg_covar=1e-9),
+  # K-MLE without OAS is coordinate ascent of the classification likelihood. (Exactly so without
+  # pruning: a dropped 1-sample cluster takes its point's likelihood with it; so K = 5 here.)
+  mix, info = fit_kmle(x, KMLEConfig(n_components=5, use_oas=False),
                        jax.random.key(2), callback=lambda *a: seen.append(a))
   assert [s[0] for s in seen] == list(range(1, info.n_iter + 1))
   assert [s[1] for s in seen] == list(info.loglik) == list(info.class_loglik)
   assert [s[2] for s in seen] == list(info.n_live)
   assert info.objective == "classification" and info.converged
   ll = np.asarray(info.loglik)
-  assert np.all(np.diff(ll) >= -1e-5 * np.abs(ll[1:]))
+  assert info.n_iter >= 3 and np.all(np.diff(ll) >= -1e-6 * np.abs(ll[1:]))
   assert all(m >= c - 1e-6 for m, c in zip(info.mixture_loglik, info.class_loglik))
 
 
@@ -266,8 +293,8 @@ def test_resize_keeps_live_components_first():
 
 
 def test_duplicated_points_do_not_break_seeding():
-  x = np.repeat(np.random.default_rng(0).normal(size=(3, 2)), 10, axis=0)
-  x = x + 1e-3 * np.random.default_rng(1).normal(size=x.shape)
+  rng = np.random.default_rng(0)
+  x = np.repeat(rng.normal(size=(3, 4)), 50, axis=0) + 1e-3 * rng.normal(size=(150, 4))
   mix, _ = fit_kmle(x, KMLEConfig(n_components=6, max_iter=5), jax.random.key(0))
   assert 3 <= mix.n_components <= 6
   assert np.all(np.isfinite(np.asarray(mix.cov_chol)))
@@ -320,6 +347,6 @@ def test_bad_input_messages_for_jax_arrays_and_init():
 
 
 def test_all_components_dropped_is_reported():
-  x = np.random.default_rng(0).normal(size=(6, 2))
-  with pytest.raises(ValueError, match=r"every component was dropped .* decrease n_components \(6\)"):
-    fit_kmle(x, KMLEConfig(n_components=6), jax.random.key(0))
+  x, _ = _planted(0, sizes=_SIZES)      # no cluster can reach 1000 samples
+  with pytest.raises(ValueError, match=r"every component was dropped .*min_cluster_size=1000"):
+    fit_kmle(x, KMLEConfig(n_components=3, min_cluster_size=1000), jax.random.key(0))

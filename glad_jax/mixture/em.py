@@ -56,8 +56,8 @@ def em_step(mixture: GaussianMixture, x: jax.Array, mask: jax.Array | None = Non
     (new mixture with K rows, `MixtureStats` whose likelihoods are the input mixture's).
   """
   x, mask, cs = _pad_for_chunks(x, mask, chunk_size)
-  return _step(mixture, x, mask, reg_covar, hard=False, use_oas=use_oas,
-               min_cluster_size=min_cluster_size, chunk_size=cs)
+  return _step(mixture, x, mask, reg_covar, min_cluster_size, hard=False, use_oas=use_oas,
+               chunk_size=cs)
 
 
 def fit_em(x: Any, config: EMConfig = EMConfig(), key: jax.Array | None = None,

@@ -12,19 +12,21 @@ no samples are dropped"; a 1-sample cluster has zero scatter, see `oas`).
 
 Implementation:
 
-* One pass over the samples per iteration, chunked (``lax.scan``), memory O(N + K d^2): per chunk
-  the features ``g = [u_i u_j (i <= j), u, 1]`` (`gaussian.expanded_features`, built band by
-  band) give all K log-densities by float32 matmuls and, summed per cluster (``segment_sum``),
-  the cluster's second moments, sums and count. No N x K x d array exists.
+* Memory O(N + K d^2), no N x K x d array. The assignment pass is chunked (``lax.scan``): per
+  chunk the features ``[u_i u_j (i <= j), u, 1]`` (`gaussian.quadratic_blocks`) give all K
+  log-densities by float32 matmuls (`gaussian.log_joint`); it returns the labels. The update's
+  sums (`cluster_moments`) sort the samples by label and take per-tile Gram matrices of the
+  differences to the previous means: O(N d^2) flops as small matmuls, and no float32
+  cancellation in the covariances.
 * Data parallel: with a mesh, each device reduces its rows and one ``psum`` adds the
   statistics (`glad_jax.sharding`); the M-step is replicated.
 * K shrinks: the jitted step keeps a fixed number of rows, dead components masked by weight 0
   (log-weight -inf), and the host driver compacts the live ones into a smaller bucket (a
   multiple of 64) as soon as one fits, so dead rows cost nothing and compilations are few.
 * Numerics: the driver centres the data on its global mean (the mixture is translated back at
-  the end), which keeps the float32 cancellation of the expanded quadratic form and of the
-  raw second moments (``E[u u^T] - mu mu^T``) small; ``reg_covar`` is relative to the data's
-  mean variance, so the fit is scale invariant.
+  the end), which keeps the float32 cancellation of the expanded quadratic form (and of EM's
+  raw second moments) small; ``reg_covar`` is relative to the data's mean variance, so the fit
+  is scale invariant.
 
 API (optax-like pure pieces plus one host driver): `kmle_init`, `kmle_step`, `fit_kmle`.
 The pieces shared with EM (`sufficient_statistics`, `m_step`, the driver) live here too.
@@ -65,7 +67,9 @@ class KMLEConfig:
       iterations is below this (paper: 1e-6).
     use_oas: OAS shrinkage of every covariance (Eq. 9); False = plain sample covariance.
     reg_covar: floor ``reg_covar * v * I`` added to every covariance, with v the mean variance
-      of the data (trace of its covariance / d): numerical positive-definiteness only.
+      of the data (trace of its covariance / d): numerical positive-definiteness only. Without
+      OAS a cluster of n <= d samples is singular up to this floor, and float32 log-densities
+      of a component conditioned beyond ~1/reg_covar lose accuracy: keep it >= 1e-6 then.
     min_cluster_size: clusters with fewer (soft-counted in EM) samples are dropped; >= 2.
     chunk_size: samples per chunk of the pass over the data (per device); None picks one from
       the feature width and the backend (see `default_chunk_size`).
@@ -141,18 +145,21 @@ class FitInfo:
 
 @struct.dataclass
 class SufficientStats:
-  """Sums over samples; add them across chunks and devices.
+  """Sums over samples, taken about a reference point c_k per component; add them across chunks
+  and devices (every field is a sum).
 
   Attributes:
-    moments: array of shape (K, F + d + 1) (F = `gaussian.quadratic_size(d)`): per component
-      the (weighted) sums of `gaussian.expanded_features` ``[u_i u_j, u, 1]``, i.e. raw second
-      moments, first moments and counts.
+    counts: array of shape (K,), sum_i r_ik (r = 1/0 for K-MLE, responsibilities for EM).
+    sums: array of shape (K, d), sum_i r_ik (u_i - c_k).
+    scatter: array of shape (K, d, d), sum_i r_ik (u_i - c_k)(u_i - c_k)^T.
     loglik: shape (), sum of log sum_k pi_k N(u; k) over valid samples.
     class_loglik: shape (), sum of max_k log pi_k N(u; k) over valid samples.
     n_samples: shape (), number of valid samples.
   """
 
-  moments: jax.Array
+  counts: jax.Array
+  sums: jax.Array
+  scatter: jax.Array
   loglik: jax.Array
   class_loglik: jax.Array
   n_samples: jax.Array
@@ -165,65 +172,184 @@ def _two_sum(s, c, v):
   return t, (t - s) - y
 
 
-def sufficient_statistics(params: tuple[jax.Array, jax.Array], x: jax.Array, mask: jax.Array,
-                          *, hard: bool, chunk_size: int) -> SufficientStats:
-  """One pass over the samples: assignments (hard) or responsibilities (soft) and their sums.
+def _chunked(x, mask, chunk_size):
+  n, d = x.shape
+  cs = min(chunk_size, n)
+  return x.reshape(n // cs, cs, d), mask.reshape(n // cs, cs), cs
+
+
+def assignment_pass(params: tuple[jax.Array, jax.Array], x: jax.Array, mask: jax.Array, *,
+                    chunk_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The assignment step, Eq. 1, chunked: labels and log-likelihood sums.
 
   Args:
-    params: (w, b) from `gaussian.log_joint_params`, shapes (D, K) and (K,).
+    params: (w, b) from `gaussian.log_joint_params`, shapes (F + d + 1, K) and (K,).
     x: array of shape (N, d), N a multiple of chunk_size (or N <= chunk_size).
-    mask: array of shape (N,), bool, False on padding rows (they contribute nothing).
-    hard: True for K-MLE (Eq. 1, each sample counts for its argmax component only), False for
-      EM (each sample spread over all components by its responsibilities).
+    mask: array of shape (N,), bool, False on padding rows.
     chunk_size: rows per chunk.
 
   Returns:
-    `SufficientStats` summed over the valid rows.
+    z: array of shape (N,), int32, the component of each sample; K on padding rows.
+    loglik: shape (), sum over valid rows of log sum_k pi_k N(u; k).
+    class_loglik: shape (), sum over valid rows of max_k log pi_k N(u; k).
   """
   w, b = params
-  n, d = x.shape
   k = b.shape[0]
-  cs = min(chunk_size, n)
-  xs = x.reshape(n // cs, cs, d)
-  ms = mask.reshape(n // cs, cs)
-  w_pieces = split_rows(w, d)        # split once, outside the loop: one matmul per band
+  xs, ms, _ = _chunked(x, mask, chunk_size)
+  w_pieces = split_rows(w, x.shape[1])     # split once, outside the loop: one matmul per band
+
+  def body(carry, inputs):
+    ll, ll_c, cl, cl_c = carry
+    xb, mb = inputs
+    lj = log_joint(xb, w_pieces, b)        # (cs, K): log pi_k + log N(u; k)
+    # Eq. 1 with the likelihood-correct sign: argmax_k log pi_k N(u; k) is
+    # argmin_k maha + log|Sigma_k| - 2 log pi_k (the paper prints "+ 2 log pi_k", which would
+    # favour *small* clusters and does not maximise the complete log-likelihood).
+    z = jnp.where(mb, jnp.argmax(lj, axis=1), k).astype(jnp.int32)
+    ll, ll_c = _two_sum(ll, ll_c, jnp.sum(jnp.where(mb, jax.nn.logsumexp(lj, axis=1), 0.0)))
+    cl, cl_c = _two_sum(cl, cl_c, jnp.sum(jnp.where(mb, jnp.max(lj, axis=1), 0.0)))
+    return (ll, ll_c, cl, cl_c), z
+
+  zero = jnp.zeros((), x.dtype)
+  (ll, _, cl, _), z = jax.lax.scan(body, (zero, zero, zero, zero), (xs, ms))
+  return z.reshape(-1), ll, cl
+
+
+def _tile_size(n: int, k: int) -> int:
+  # Rows per tile of `cluster_moments`: about n / (4 k) (so the per-cluster padding adds <= ~25%
+  # rows), a power of two in [8, 128].
+  return int(min(128, max(8, 2 ** int(math.log2(max(1, n // (4 * k)))))))
+
+
+def cluster_moments(x: jax.Array, z: jax.Array, shift: jax.Array
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Hard-assignment counts, sums and scatter matrices about `shift`, as matmuls (Eq. 2-3).
+
+  A scatter-add of every sample's d x d outer product costs N d^2 memory operations, slower on
+  CPU than the whole assignment matmul. Instead the samples are sorted by cluster, each cluster's
+  rows padded to whole tiles of T rows, and every tile's Gram matrix is one small matmul
+  (batched); only the (N / T + K) tile Grams are scatter-added. The differences u - c_k to the
+  component's previous mean c_k are what is summed, so E[(u - c)(u - c)^T] - delta delta^T has
+  no float32 cancellation to speak of (delta = the mean's move in this step).
+
+  Args:
+    x: array of shape (N, d).
+    z: array of shape (N,), int32, component of each row; K marks rows to ignore.
+    shift: array of shape (K, d), the reference points c_k.
+
+  Returns:
+    counts (K,), sums (K, d) of u - c_k, scatter (K, d, d) of (u - c_k)(u - c_k)^T.
+  """
+  n, d = x.shape
+  k = shift.shape[0]
+  tile = _tile_size(n, k)
+  valid = z < k
+  zc = jnp.minimum(z, k - 1)
+  diff = jnp.where(valid[:, None], x - shift[zc], 0.0)
+  n_k = jax.ops.segment_sum(valid.astype(jnp.int32), zc, num_segments=k)
+  sums = jax.ops.segment_sum(diff, zc, num_segments=k)
+  # Destination of every row in the tiled, cluster-sorted buffer.
+  tiles_k = (n_k + tile - 1) // tile
+  tile_end = jnp.cumsum(tiles_k)
+  row_start = jnp.cumsum(n_k) - n_k
+  order = jnp.argsort(z, stable=True)                     # ignored rows (z = K) last
+  zs = zc[order]
+  dest = (tile_end[zs] - tiles_k[zs]) * tile + jnp.arange(n) - row_start[zs]
+  n_tiles = -(-n // tile) + k                             # static bound on sum_k ceil(n_k / T)
+  group = max(1, min(n_tiles, (64 << 20) // (4 * d * max(d, tile))))  # ~64 MiB per step
+  n_groups = -(-n_tiles // group)
+  # ignored rows get distinct out-of-range destinations: dropped, and the indices stay unique
+  dest = jnp.where(valid[order], dest, n_groups * group * tile + jnp.arange(n))
+  buf = jnp.zeros((n_groups * group * tile, d), x.dtype).at[dest].set(
+      diff[order], mode="drop", unique_indices=True)
+  owner = jnp.searchsorted(tile_end, jnp.arange(n_groups * group), side="right")  # K: unused
+
+  def body(acc, inputs):
+    b, o = inputs
+    grams = jnp.einsum("gtd,gte->gde", b, b, precision=_HIGHEST)
+    return acc.at[o].add(grams, mode="drop"), None
+
+  scatter, _ = jax.lax.scan(body, jnp.zeros((k, d, d), x.dtype),
+                            (buf.reshape(n_groups, group, tile, d), owner.reshape(n_groups, group)))
+  return n_k.astype(x.dtype), sums, scatter
+
+
+def soft_moments_pass(params: tuple[jax.Array, jax.Array], x: jax.Array, mask: jax.Array, *,
+                      chunk_size: int) -> SufficientStats:
+  """E-step of EM, chunked: responsibility-weighted raw moments about the origin.
+
+  Per chunk, ``r^T [u_i u_j, u, 1]`` (one matmul per feature band) gives every component's raw
+  second moments, sums and soft count at once.
+
+  Args:
+    params: (w, b) from `gaussian.log_joint_params`.
+    x: array of shape (N, d), N a multiple of chunk_size (or N <= chunk_size).
+    mask: array of shape (N,), bool, False on padding rows.
+    chunk_size: rows per chunk.
+
+  Returns:
+    `SufficientStats` with reference points c_k = 0.
+  """
+  w, b = params
+  k = b.shape[0]
+  d = x.shape[1]
+  xs, ms, cs = _chunked(x, mask, chunk_size)
+  w_pieces = split_rows(w, d)
 
   def body(carry, inputs):
     moments, ll, ll_c, cl, cl_c = carry
     xb, mb = inputs
-    blocks = quadratic_blocks(xb)                   # [(cs, F_b)]: no concatenation
-    lj = log_joint(xb, w_pieces, b)                 # (cs, K): log pi_k + log N(u; k)
-    lse = jax.nn.logsumexp(lj, axis=1)              # log sum_k pi_k N(u; k)
-    best = jnp.max(lj, axis=1)
-    feats = blocks + [xb, jnp.ones((cs, 1), x.dtype)]
-    if hard:
-      # Eq. 1 with the likelihood-correct sign: argmax_k log pi_k N(u; k) is
-      # argmin_k maha + log|Sigma_k| - 2 log pi_k (the paper prints "+ 2 log pi_k", which would
-      # favour *small* clusters and does not maximise the complete log-likelihood).
-      z = jnp.where(mb, jnp.argmax(lj, axis=1), k)  # padding rows go to a discarded segment
-      moments = [m + jax.ops.segment_sum(f, z, num_segments=k + 1)[:k]
-                 for m, f in zip(moments, feats)]
-    else:
-      resp = jnp.exp(lj - lse[:, None]) * mb[:, None]
-      moments = [m + jnp.dot(resp.T, f, precision=_HIGHEST) for m, f in zip(moments, feats)]
+    lj = log_joint(xb, w_pieces, b)
+    lse = jax.nn.logsumexp(lj, axis=1)
+    resp = jnp.exp(lj - lse[:, None]) * mb[:, None]
+    feats = quadratic_blocks(xb) + [xb, jnp.ones((cs, 1), x.dtype)]
+    moments = [m + jnp.dot(resp.T, f, precision=_HIGHEST) for m, f in zip(moments, feats)]
     ll, ll_c = _two_sum(ll, ll_c, jnp.sum(jnp.where(mb, lse, 0.0)))
-    cl, cl_c = _two_sum(cl, cl_c, jnp.sum(jnp.where(mb, best, 0.0)))
+    cl, cl_c = _two_sum(cl, cl_c, jnp.sum(jnp.where(mb, jnp.max(lj, axis=1), 0.0)))
     return (moments, ll, ll_c, cl, cl_c), None
 
   zero = jnp.zeros((), x.dtype)
   init = ([jnp.zeros((k, p.shape[0]), x.dtype) for p in w_pieces], zero, zero, zero, zero)
   (moments, ll, _, cl, _), _ = jax.lax.scan(body, init, (xs, ms))
-  return SufficientStats(moments=jnp.concatenate(moments, axis=1), loglik=ll, class_loglik=cl,
+  t = quadratic_size(d)
+  moments = jnp.concatenate(moments, axis=1)
+  return SufficientStats(counts=moments[:, -1], sums=moments[:, t:t + d],
+                         scatter=unpack_quadratic(moments[:, :t], d), loglik=ll,
+                         class_loglik=cl, n_samples=jnp.sum(mask.astype(x.dtype)))
+
+
+def sufficient_statistics(mixture: GaussianMixture, x: jax.Array, mask: jax.Array, *,
+                          hard: bool, chunk_size: int) -> SufficientStats:
+  """One pass over (this device's) samples: Eq. 1 (hard) or responsibilities (soft), summed.
+
+  Args:
+    mixture: the current mixture (K rows).
+    x: array of shape (N, d), N a multiple of chunk_size (or N <= chunk_size).
+    mask: array of shape (N,), bool, False on padding rows (they contribute nothing).
+    hard: True for K-MLE (each sample counts for its argmax component only; statistics about
+      the previous means), False for EM (responsibilities; raw moments about the origin).
+    chunk_size: rows per chunk.
+
+  Returns:
+    `SufficientStats`; reference points: ``mixture.means`` if hard, else 0.
+  """
+  params = log_joint_params(mixture)
+  if not hard:
+    return soft_moments_pass(params, x, mask, chunk_size=chunk_size)
+  z, ll, cl = assignment_pass(params, x, mask, chunk_size=chunk_size)
+  counts, sums, scatter = cluster_moments(x, z, mixture.means)
+  return SufficientStats(counts=counts, sums=sums, scatter=scatter, loglik=ll, class_loglik=cl,
                          n_samples=jnp.sum(mask.astype(x.dtype)))
 
 
-def m_step(moments: jax.Array, dim: int, *, use_oas: bool, reg_covar: jax.Array | float,
-           min_cluster_size: float) -> tuple[GaussianMixture, jax.Array]:
+def m_step(stats: SufficientStats, shift: jax.Array | float, *, use_oas: bool,
+           reg_covar: jax.Array | float, min_cluster_size: float
+           ) -> tuple[GaussianMixture, jax.Array]:
   """Eq. 2-3 (and Eq. 9) from summed statistics, with pruning by masking.
 
   Args:
-    moments: array of shape (K, F + d + 1), see `SufficientStats`.
-    dim: d.
+    stats: `SufficientStats` (K components, dimension d), taken about `shift`.
+    shift: array of shape (K, d) (or a scalar), the reference points of `stats`.
     use_oas: shrink each covariance with OAS, n = the cluster's (soft) count.
     reg_covar: absolute diagonal floor added to every covariance.
     min_cluster_size: components with a smaller count are masked (weight 0).
@@ -232,38 +358,39 @@ def m_step(moments: jax.Array, dim: int, *, use_oas: bool, reg_covar: jax.Array 
     the new mixture (K rows, masked rows: weight 0, mean 0, identity Cholesky factor) and the
     number of components dropped because their covariance was not positive definite.
   """
-  t = quadratic_size(dim)
-  counts = moments[:, -1]
+  counts = stats.counts
+  dim = stats.sums.shape[1]
   safe = jnp.where(counts > 0, counts, 1.0)
-  means = moments[:, t:t + dim] / safe[:, None]
-  # Eq. 3 as E[u u^T] - mu mu^T (data centred by the driver keeps the cancellation small).
-  cov = unpack_quadratic(moments[:, :t], dim) / safe[:, None, None] - means[:, :, None] * means[:, None]
+  delta = stats.sums / safe[:, None]                          # mean - shift
+  means = shift + delta                                       # Eq. 2
+  # Eq. 3: E[(u - c)(u - c)^T] - (mu - c)(mu - c)^T.
+  cov = stats.scatter / safe[:, None, None] - delta[:, :, None] * delta[:, None, :]
+  cov = 0.5 * (cov + jnp.swapaxes(cov, 1, 2))
   if use_oas:
     cov = oas_covariance(cov, counts)
-  eye = jnp.eye(dim, dtype=moments.dtype)
+  eye = jnp.eye(dim, dtype=cov.dtype)
   chol = jnp.linalg.cholesky(cov + reg_covar * eye)
   big_enough = counts >= min_cluster_size
   finite = jnp.all(jnp.isfinite(chol), axis=(-2, -1))
   live = big_enough & finite
   kept = jnp.where(live, counts, 0.0)
-  weights = kept / jnp.maximum(jnp.sum(kept), 1e-30)
+  weights = kept / jnp.maximum(jnp.sum(kept), 1e-30)          # Eq. 2, over the kept clusters
   mixture = GaussianMixture(weights=weights,
                             means=jnp.where(live[:, None], means, 0.0),
                             cov_chol=jnp.where(live[:, None, None], chol, eye))
   return mixture, jnp.sum(big_enough & ~finite).astype(jnp.int32)
 
 
-def _step(mixture: GaussianMixture, x: jax.Array, mask: jax.Array, reg_covar, *, hard: bool,
-          use_oas: bool, min_cluster_size: float, chunk_size: int,
+def _step(mixture: GaussianMixture, x: jax.Array, mask: jax.Array, reg_covar, min_cluster_size,
+          *, hard: bool, use_oas: bool, chunk_size: int,
           mesh: Mesh | None = None) -> tuple[GaussianMixture, MixtureStats]:
-  params = log_joint_params(mixture)
   stat_fn = sharding.data_parallel_sum(
       functools.partial(sufficient_statistics, hard=hard, chunk_size=chunk_size), mesh)
-  stats = stat_fn(params, x, mask)
-  new, n_failed = m_step(stats.moments, mixture.dim, use_oas=use_oas, reg_covar=reg_covar,
-                         min_cluster_size=min_cluster_size)
+  stats = stat_fn(mixture, x, mask)
+  new, n_failed = m_step(stats, mixture.means if hard else 0.0, use_oas=use_oas,
+                         reg_covar=reg_covar, min_cluster_size=min_cluster_size)
   n = jnp.maximum(stats.n_samples, 1.0)
-  return new, MixtureStats(counts=stats.moments[:, -1], loglik=stats.loglik / n,
+  return new, MixtureStats(counts=stats.counts, loglik=stats.loglik / n,
                            class_loglik=stats.class_loglik / n,
                            n_live=jnp.sum(new.weights > 0).astype(jnp.int32), n_failed=n_failed)
 
@@ -305,8 +432,8 @@ def kmle_step(mixture: GaussianMixture, x: jax.Array, mask: jax.Array | None = N
     Artola et al., GLAD (WACV 2023), Eq. 1-3 and 9; Nielsen, k-MLE (ICASSP 2012).
   """
   x, mask, cs = _pad_for_chunks(x, mask, chunk_size)
-  return _step(mixture, x, mask, reg_covar, hard=True, use_oas=use_oas,
-               min_cluster_size=min_cluster_size, chunk_size=cs)
+  return _step(mixture, x, mask, reg_covar, min_cluster_size, hard=True, use_oas=use_oas,
+               chunk_size=cs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,11 +509,14 @@ def kmle_init(key: jax.Array, x: jax.Array, n_components: int, *, n_samples: int
 
 
 def default_chunk_size(dim: int, platform: str | None = None) -> int:
-  """Samples per chunk so that the chunk's features (chunk x ~d^2/2 float32) take
-  about 4 MiB on CPU (cache-resident: measured 1.3-1.5x faster than 64 MiB chunks) and 256 MiB
-  on accelerators; a power of two in [8, 65536]."""
+  """Samples per chunk of the assignment pass, from the feature width (F + d + 1 floats/sample).
+
+  About 16 MiB of float32 features per chunk on CPU (256-1024 rows for d = 128-64: measured
+  within noise of the best chunk, and 1.3-2x faster than 64 MiB chunks) and 1 GiB on
+  accelerators (large matmuls, e.g. 256 rows at d = 1024); a power of two in [8, 65536].
+  """
   platform = platform or jax.default_backend()
-  target = (4 << 20) if platform == "cpu" else (256 << 20)
+  target = (16 << 20) if platform == "cpu" else (1 << 30)
   rows = max(8, target // (4 * expanded_size(dim)))
   return int(min(65536, 2 ** int(math.floor(math.log2(rows)))))
 
@@ -498,10 +628,10 @@ def _resize(mixture: GaussianMixture, size: int) -> GaussianMixture:
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_step(hard: bool, mesh: Mesh | None, use_oas: bool, min_cluster_size: float,
-                   chunk_size: int):
-  return jax.jit(functools.partial(_step, hard=hard, use_oas=use_oas,
-                                   min_cluster_size=min_cluster_size, chunk_size=chunk_size,
+def _compiled_step(hard: bool, mesh: Mesh | None, use_oas: bool, chunk_size: int):
+  """``step(mixture, x, mask, reg_covar, min_cluster_size) -> (mixture, MixtureStats)``, jitted
+  once per configuration (and by jit per shape)."""
+  return jax.jit(functools.partial(_step, hard=hard, use_oas=use_oas, chunk_size=chunk_size,
                                    mesh=mesh))
 
 
@@ -523,6 +653,7 @@ def fit_mixture(x: Any, config: KMLEConfig, key: jax.Array, *, hard: bool,
   cs = min(cs, sharding.padded_size(-(-n // n_dev), 8))   # no more padding than needed
   xd, mask = sharding.place_samples(x, mesh, multiple=cs)
   xc, centre, mean_var = _centre(xd, mask)
+  del xd                                   # only the centred copy is used from here on
   mean_var = float(mean_var)
   if not mean_var > 0:
     raise ValueError("x has zero variance (all samples are identical): nothing to fit")
@@ -535,14 +666,15 @@ def fit_mixture(x: Any, config: KMLEConfig, key: jax.Array, *, hard: bool,
     mixture = init.replace(means=init.means - jax.device_get(centre))
   k0 = mixture.n_components
   mixture = sharding.replicate(_resize(mixture, _bucket_size(k0, config.bucket)), mesh)
-  step = _compiled_step(hard, mesh, bool(config.use_oas), float(config.min_cluster_size), cs)
+  step = _compiled_step(hard, mesh, bool(config.use_oas), cs)
+  min_size = jnp.float32(config.min_cluster_size)
 
   logliks, mix_ll, class_ll, lives = [], [], [], []
   converged = False
   prev = None
   n_live = k0
   for it in range(1, config.max_iter + 1):
-    mixture, stats = step(mixture, xc, mask, reg)
+    mixture, stats = step(mixture, xc, mask, reg, min_size)
     s = jax.device_get(stats)
     n_live = int(s.n_live)
     mix_ll.append(float(s.loglik))
