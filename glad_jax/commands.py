@@ -254,7 +254,7 @@ def write_report(out: pathlib.Path, name: str, model, test_batch, result: dict, 
   first = next(iter(model.layers))
   layer = model.layers[first]
   if layer.local is not None:
-    dense = np.asarray(local_lib.to_dense(layer.local))
+    dense = np.exp(np.asarray(local_lib.to_dense(layer.local)))  # to_dense holds log pi_k(x)
     k = int(np.argmax(np.asarray(layer.mixture.weights)))
     plots.local_maps(model.reference if model.reference is not None else test_batch.images[0],
                      local_lib.nnz_map(layer.local), dense[..., k], k, out / "local_maps.png", layer=first)

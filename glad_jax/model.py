@@ -439,12 +439,9 @@ def _check_memory(extractor, n_images: int, budget_fraction: float = 0.5) -> Non
   """Refuses feature extraction that would not fit in host memory, before allocating anything."""
   shapes = extractor.feature_shapes()
   need = n_images * sum(4 * math.prod(s) for name, s in shapes.items() if name != "logits")
-  try:
-    import psutil
+  import psutil
 
-    available = psutil.virtual_memory().available
-  except ImportError:  # psutil is optional
-    return
+  available = psutil.virtual_memory().available
   if need > budget_fraction * available:
     raise ValueError(
         f"the features of {n_images} images would take {need / 2**30:.1f} GiB "

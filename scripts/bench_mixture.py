@@ -8,15 +8,17 @@ one process on the default JAX backend (the CPU unless a GPU is visible):
 * ``em s/it``       the same for our EM step (soft responsibilities);
 * ``sklearn s/it``  seconds per EM iteration of scikit-learn's
                     ``GaussianMixture(covariance_type='full')`` (one E-step + one M-step, float64,
-                    timed on its ``_e_step`` / ``_m_step`` from the same start,
-                    best of --sklearn-repeats);
+                    timed on its ``_e_step`` / ``_m_step`` from the same start, best of
+                    --sklearn-repeats, the faster of default and 1 BLAS thread); above
+                    --sklearn-max-rows samples it is timed on that many rows and scaled by N/rows
+                    (its cost is linear in N): the "(rows, BLAS thr)" column says which;
 * ``ratio``         sklearn s/it divided by kmle s/it (target >= 15);
 * ``assign GF/s``   GFLOP/s of the assignment pass alone (`kmle.assignment_pass`: features and
                     float32 matmuls band by band per chunk, argmax, log-likelihoods), counting
                     2 N K (F + d + 1) flops, F ~ d^2/2 quadratic features (`gaussian.expanded_size`);
-* ``matmul GF/s``   GFLOP/s of a plain ``jnp.dot`` float32 matmul of (rows, F + d + 1) x
-                    (F + d + 1, K) on precomputed features, same process (best over rows =
-                    1, 4, 16 chunks);
+* ``matmul GF/s``   GFLOP/s of plain ``jnp.dot`` float32 matmuls doing the same work: N / chunk
+                    products (chunk, F + d + 1) x (F + d + 1, K) of precomputed features in a
+                    loop, same process, same duration (so the same machine load);
 * ``fraction``      assign / matmul (target >= 0.6).
 
 Usage:
@@ -28,6 +30,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import sys
 import functools
 import time
 import warnings
@@ -36,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
+from threadpoolctl import threadpool_limits
 
 from glad_jax.mixture import gaussian
 from glad_jax.mixture.kmle import (_centre, _compiled_step, assignment_pass, default_chunk_size,
@@ -64,7 +68,38 @@ def _data(n, d, k, seed=0):
   return (centres[z] + rng.normal(size=(n, d)) * scales[z]).astype(np.float32)
 
 
-def bench(n, d, k, repeats, sk_repeats):
+def _sklearn_seconds(xn, mix, reg, repeats, max_rows):
+  """Seconds of one scikit-learn EM iteration (E-step + M-step, float64) from `mix`.
+
+  Timed on the first `max_rows` samples and scaled by N / rows (its cost is linear in N, up to
+  the K Cholesky factorisations), with BLAS at its default thread count and at 1 thread: on a
+  loaded machine multi-threaded OpenBLAS can be several times slower, so the faster is kept
+  (the baseline most favourable to scikit-learn).
+  """
+  rows = min(len(xn), max_rows)
+  x_rows = xn[:rows]
+  cov = np.asarray(mix.covariances, np.float64)
+  best = (np.inf, None)
+  for threads in (1, None):
+    sk = SkGaussianMixture(mix.n_components, covariance_type="full", reg_covar=reg, max_iter=1)
+    sk.weights_ = np.asarray(mix.weights, np.float64)
+    sk.means_ = np.asarray(mix.means, np.float64)
+    sk.covariances_ = cov
+    sk.precisions_cholesky_ = np.linalg.cholesky(np.linalg.inv(cov))
+
+    def iteration(sk=sk):
+      _, log_resp = sk._e_step(x_rows)
+      sk._m_step(x_rows, log_resp)
+
+    with threadpool_limits(limits=threads), warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      seconds = _timed(iteration, repeats)
+    if seconds < best[0]:
+      best = (seconds, "default" if threads is None else str(threads))
+  return best[0] * len(xn) / rows, rows, best[1]
+
+
+def bench(n, d, k, repeats, sk_repeats, sk_max_rows):
   x = _data(n, d, k)
   chunk = min(default_chunk_size(d), n)
   n = n // chunk * chunk                    # whole chunks: no padding in the timings
@@ -81,22 +116,8 @@ def bench(n, d, k, repeats, sk_repeats):
     jax.block_until_ready(step(mix, xc, mask, reg, min_size))            # compile
     row[name] = _timed(lambda: step(mix, xc, mask, reg, min_size), repeats)
 
-  # scikit-learn: one E-step + one M-step from the same start, float64 as it computes.
-  xn = np.asarray(xc, np.float64)
-  sk = SkGaussianMixture(k, covariance_type="full", reg_covar=float(reg), max_iter=1)
-  sk.weights_ = np.asarray(mix.weights, np.float64)
-  sk.means_ = np.asarray(mix.means, np.float64)
-  cov = np.asarray(mix.covariances, np.float64)
-  sk.covariances_ = cov
-  sk.precisions_cholesky_ = np.linalg.cholesky(np.linalg.inv(cov))
-
-  def sk_iteration():
-    _, log_resp = sk._e_step(xn)
-    sk._m_step(xn, log_resp)
-
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    row["sklearn"] = _timed(sk_iteration, sk_repeats)
+  row["sklearn"], row["sk_rows"], row["sk_threads"] = _sklearn_seconds(
+      np.asarray(xc, np.float64), mix, float(reg), sk_repeats, sk_max_rows)
 
   # assignment pass vs a plain matmul of the same inner/outer sizes
   w, b = gaussian.log_joint_params(mix)
@@ -104,17 +125,21 @@ def bench(n, d, k, repeats, sk_repeats):
   jax.block_until_ready(assign((w, b), xc, mask))
   t_assign = _timed(lambda: assign((w, b), xc, mask), repeats)
   width = gaussian.expanded_size(d)
-  mm = jax.jit(lambda f, w: jnp.dot(f, w, precision=jax.lax.Precision.HIGHEST))
-  best_mm = 0.0
-  # the plain matmul's best over a few row counts (<= 512 MiB of features): a demanding baseline
-  for rows in sorted({min(n, r) for r in (chunk, 4 * chunk, 16 * chunk)
-                      if r * width * 4 <= (512 << 20)} or {chunk}):
-    feats = jax.jit(gaussian.expanded_features)(xc[:rows])
-    jax.block_until_ready(mm(feats, w))
-    best_mm = max(best_mm, 2.0 * rows * width * k / _timed(lambda: mm(feats, w), repeats) / 1e9)
-    del feats
+  # The plain matmul does the same work in the same loop structure (n / chunk products of one
+  # precomputed (chunk, F + d + 1) feature block), so both see the same machine load.
+  feats = jax.jit(gaussian.expanded_features)(xc[:chunk])
+
+  @jax.jit
+  def plain(f, w):
+    # w depends on i (an (F + d + 1) x K scaling, ~1/chunk of the product's cost) so that the
+    # product cannot be hoisted out of the loop.
+    body = lambda i, acc: acc + jnp.dot(f, w * (1.0 + i), precision=jax.lax.Precision.HIGHEST)
+    return jnp.sum(jax.lax.fori_loop(0, n // chunk, body, jnp.zeros((chunk, k), f.dtype)))
+
+  jax.block_until_ready(plain(feats, w))
+  t_plain = _timed(lambda: plain(feats, w), repeats)
   row["assign_gf"] = 2.0 * n * width * k / t_assign / 1e9
-  row["matmul_gf"] = best_mm
+  row["matmul_gf"] = 2.0 * n * width * k / t_plain / 1e9
   return row
 
 
@@ -123,20 +148,26 @@ def main(argv=None):
   parser.add_argument("--quick", action="store_true", help=f"sizes {', '.join(QUICK_SIZES)}")
   parser.add_argument("--sizes", nargs="+", help="NxDxK triples (overrides --quick)")
   parser.add_argument("--repeats", type=int, default=3, help="timed repeats of our steps")
-  parser.add_argument("--sklearn-repeats", type=int, default=2, help="timed sklearn iterations")
+  parser.add_argument("--sklearn-repeats", type=int, default=1, help="timed sklearn iterations")
+  parser.add_argument("--sklearn-max-rows", type=int, default=50_000,
+                      help="time sklearn on at most this many samples and scale linearly in N")
   args = parser.parse_args(argv)
   sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
   print(f"backend={jax.default_backend()} devices={jax.device_count()} "
         f"jax={jax.__version__}")
   header = (f"{'N':>8} {'d':>4} {'K':>4} {'kmle s/it':>10} {'em s/it':>9} {'sklearn s/it':>12} "
-            f"{'ratio':>6} {'assign GF/s':>11} {'matmul GF/s':>11} {'fraction':>8}")
+            f"{'(rows, BLAS thr)':>17} {'ratio':>6} {'assign GF/s':>11} {'matmul GF/s':>11} "
+            f"{'fraction':>8}")
   print(header)
   for size in sizes:
     n, d, k = (int(v) for v in size.lower().split("x"))
-    r = bench(n, d, k, args.repeats, args.sklearn_repeats)
+    r = bench(n, d, k, args.repeats, args.sklearn_repeats, args.sklearn_max_rows)
+    timed_on = f"({r['sk_rows']}, {r['sk_threads']})"
     print(f"{r['N']:>8} {d:>4} {k:>4} {r['kmle']:>10.3f} {r['em']:>9.3f} {r['sklearn']:>12.3f} "
-          f"{r['sklearn'] / r['kmle']:>6.1f} {r['assign_gf']:>11.1f} {r['matmul_gf']:>11.1f} "
-          f"{r['assign_gf'] / r['matmul_gf']:>8.2f}", flush=True)
+          f"{timed_on:>17} {r['sklearn'] / r['kmle']:>6.1f} {r['assign_gf']:>11.1f} "
+          f"{r['matmul_gf']:>11.1f} {r['assign_gf'] / r['matmul_gf']:>8.2f}", flush=True)
+  print(f"load average at the end: {' '.join(open('/proc/loadavg').read().split()[:3])}"
+        if sys.platform.startswith("linux") else "")
 
 
 if __name__ == "__main__":
