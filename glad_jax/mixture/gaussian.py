@@ -72,31 +72,9 @@ def cholesky_log_det(cov_chol: jax.Array) -> jax.Array:
   return 2.0 * jnp.sum(jnp.log(diag), axis=-1)
 
 
-def _lower_triangular_inverse(l: jax.Array) -> jax.Array:
-  """L^{-1} for lower-triangular (..., n, n) by recursive 2 x 2 blocks:
-  [[A, 0], [C, B]]^{-1} = [[A^{-1}, 0], [-B^{-1} C A^{-1}, B^{-1}]].
-
-  All the work is batched matmuls; only <= 8 x 8 diagonal blocks go to a triangular solve. On
-  CPU XLA's batched triangular solve took 380 ms for 256 matrices of 128 x 128 (this: 20 ms), and
-  hung compiling 16 x 16 and 32 x 32 blocks.
-  """
-  n = l.shape[-1]
-  if n <= 8:
-    eye = jnp.broadcast_to(jnp.eye(n, dtype=l.dtype), l.shape)
-    return jax.lax.linalg.triangular_solve(l, eye, left_side=True, lower=True)
-  h = n // 2
-  a_inv = _lower_triangular_inverse(l[..., :h, :h])
-  b_inv = _lower_triangular_inverse(l[..., h:, h:])
-  c = -jnp.matmul(b_inv, jnp.matmul(l[..., h:, :h], a_inv, precision=_HIGHEST),
-                  precision=_HIGHEST)
-  zeros = jnp.zeros(l.shape[:-2] + (h, n - h), l.dtype)
-  return jnp.concatenate([jnp.concatenate([a_inv, zeros], axis=-1),
-                          jnp.concatenate([c, b_inv], axis=-1)], axis=-2)
-
-
 def precision_cholesky(cov_chol: jax.Array) -> jax.Array:
   """P_k = L_k^{-T} (upper triangular) such that Sigma_k^{-1} = P_k P_k^T; shape (K, d, d)."""
-  # A batched triangular solve: the recursive block inverse (_lower_triangular_inverse) hung on XLA:CPU for
+  # A batched triangular solve: a recursive 2x2 block inverse hung on XLA:CPU for
   # ~1000 matrices of d = 28..112 (tire, K = 1000), which this form handles in well under a second.
   d = cov_chol.shape[-1]
   eye = jnp.broadcast_to(jnp.eye(d, dtype=cov_chol.dtype), cov_chol.shape)
