@@ -4,8 +4,12 @@ The means and covariances of the global mixture stay fixed; at every position x 
 (h, w) feature grid, K-MLE re-estimates only the mixing weights from the samples u_m(y) of all
 M training images at the positions y of the disk |y - x| <= r (clipped at the grid borders).
 Each position is an independent K-MLE problem, so the fit works on chunks of grid rows: the
-component log-densities of a chunk's samples (plus a halo of r rows) are computed once, and
-only the cheap weight updates are iterated.
+component log-densities of a chunk's samples (plus a halo of r rows) are computed once (the
+centred expanded quadratic form of `glad_jax.mixture.gaussian`: a few matmuls), and only the
+cheap weight updates are iterated. The first update is the same at every position (all start
+from the global pi_k), so it assigns each sample once over all K components; after it, most
+pi_k(x) are exactly 0 and stay 0, and the later updates of x run on its few non-zero
+candidates only (exact, see `_fit_tile`).
 
 The fitted map is mostly sparse (a position uses few components), and is stored as
 `SparseLocalWeights`, a tiled layout prepared for `glad_jax.scoring.sparse_log_likelihood`:
@@ -30,15 +34,23 @@ from flax import struct
 
 from glad_jax.mixture.gaussian import (
     GaussianMixture,
-    cholesky_log_det,
-    component_log_prob,
-    precision_cholesky,
+    log_joint_params,
+    quadratic_blocks,
+    split_rows,
 )
+from glad_jax.mixture.kmle import default_chunk_size
 
 DEFAULT_TILE_SIZE = 32
-# Element budgets (float32 words) that bound the device memory of one fit chunk.
-_DEFAULT_CHUNK_ELEMENTS = 2**26  # (M, rows + 2R, w + 2R, K) log-densities of a chunk: 256 MB
-_DEFAULT_LOGPROB_ELEMENTS = 2**24  # (n, K, d) intermediate of `component_log_prob`: 64 MB
+# Element budget (float32 words) that bounds the memory of one fit chunk.
+# 1 GiB: at K ~ 1000 a chunk then holds ~8-16 grid rows of 64 (tire layer1: 4 chunks, the
+# halo of r rows recomputed 4 times instead of 32 at 2**26).
+_DEFAULT_CHUNK_ELEMENTS = 2**28  # (M, rows + 2R, w + 2R, K) log-densities of a chunk
+# Positions fitted together after the first update (see `_fit_tile`).
+_TILE_POSITIONS = 32
+# Slots per block of `_running_argmax`; K is padded to a multiple of it.
+_ARGMAX_BLOCK = 8
+# Full float32 in the log-density products (no TF32 on GPUs), as in gaussian.py.
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 @struct.dataclass
@@ -139,8 +151,10 @@ def _halo(offsets: tuple[tuple[int, int], ...]) -> int:
 
 def local_kmle_step(log_dens: jax.Array, valid: jax.Array, log_weights: jax.Array,
                     offsets: tuple[tuple[int, int], ...]) -> tuple[jax.Array, jax.Array]:
-  """One K-MLE update of the local weights of a block of positions (Eq. 10-12).
+  """One K-MLE update of the local weights of a block of positions (Eq. 10-12), dense form.
 
+  The reference form of the update over all K components; the fit runs the same arithmetic
+  once per sample for the first update and on compact candidate sets after it (`_fit_chunk`).
   With R the halo (largest |dy|, |dx| of the offsets), position (i, j) of the block sees the
   samples at (i + R + dy, j + R + dx) of the padded sample grid. Every such valid sample
   u is assigned to
@@ -197,46 +211,210 @@ def _relative_change(new: jax.Array, old: jax.Array) -> jax.Array:
   return jnp.abs(new - old) / jnp.maximum(jnp.abs(old), tiny)
 
 
-def _log_densities(x: jax.Array, means: jax.Array, prec_chol: jax.Array, log_det: jax.Array,
-                   rows_per_batch: int) -> jax.Array:
-  """component_log_prob over (N, d) in batches of rows; returns (N, K)."""
-  n, d = x.shape
-  n_batches = -(-n // rows_per_batch)
-  padded = jnp.pad(x, ((0, n_batches * rows_per_batch - n), (0, 0)))
-  out = jax.lax.map(lambda xb: component_log_prob(xb, means, prec_chol, log_det),
-                    padded.reshape(n_batches, rows_per_batch, d))
-  return out.reshape(n_batches * rows_per_batch, -1)[:n]
+def log_density_params(mixture: GaussianMixture
+                       ) -> tuple[jax.Array, list[jax.Array], jax.Array]:
+  """Centre and expanded-form weights of the K component log-densities (no mixing weights).
 
-
-@functools.partial(jax.jit, static_argnames=("offsets", "rows", "max_iter", "rows_per_batch"))
-def _fit_chunk(padded_feats: jax.Array, padded_valid: jax.Array, start: jax.Array,
-               init_log_weights: jax.Array, means: jax.Array, prec_chol: jax.Array,
-               log_det: jax.Array, tol: float, *, offsets: tuple[tuple[int, int], ...],
-               rows: int, max_iter: int, rows_per_batch: int):
-  """K-MLE of the local weights of `rows` grid rows starting at row `start`.
+  log N(u; mu_k, Sigma_k) = log N(u - c; mu_k - c, Sigma_k) for any c. The expanded quadratic
+  form (`gaussian.log_joint_params`) loses about eps * (u - c)^T Sigma_k^{-1} (u - c) to
+  float32 cancellation, so c is the mixture's mean sum_k pi_k mu_k (the data mean of a fitted
+  mixture): features far from the origin (e.g. all around 100) then cost no accuracy.
 
   Args:
-    padded_feats: array of shape (M, H_pad + 2R, w + 2R, d), features padded by the halo R
-      (and at the bottom up to a whole number of chunks).
-    padded_valid: bool array of shape (H_pad + 2R, w + 2R).
-    start: int32 scalar, first grid row of the chunk.
-    init_log_weights: array of shape (K,), log of the global weights.
-    means, prec_chol, log_det: the fixed global components, shapes (K, d), (K, d, d), (K,).
-    tol: relative change of each position's mean log-likelihood that stops its iterations.
+    mixture: the fixed global mixture, K components of dimension d.
 
   Returns:
-    log_weights (rows, w, K), n_iter (rows, w) int32, converged (rows, w) bool,
-    mean_log_likelihood (rows, w), and the number of loop iterations run (int32 scalar).
+    centre: array of shape (d,), c = sum_k pi_k mu_k.
+    w_pieces: `gaussian.split_rows` pieces of the (F + d + 1, K) weights of
+      `gaussian.log_joint_params` for the centred means.
+    bias: array of shape (K,), -(d log 2 pi + log|Sigma_k| + (mu_k - c)^T Sigma_k^{-1}
+      (mu_k - c)) / 2, finite also for masked components (the caller applies the weights).
   """
-  m, _, wp, d = padded_feats.shape
-  reach = _halo(offsets)
-  w = wp - 2 * reach
-  k = means.shape[0]
-  window = jax.lax.dynamic_slice(padded_feats, (0, start, 0, 0), (m, rows + 2 * reach, wp, d))
-  valid = jax.lax.dynamic_slice(padded_valid, (start, 0), (rows + 2 * reach, wp))
-  # The log-densities do not depend on the weights: computed once, reused every iteration.
-  log_dens = _log_densities(window.reshape(-1, d), means, prec_chol, log_det, rows_per_batch)
-  log_dens = log_dens.reshape(m, rows + 2 * reach, wp, k)
+  weights = mixture.weights
+  centre = jnp.einsum("k,kd->d", weights / jnp.sum(weights), mixture.means, precision=_HIGHEST)
+  # Unit weights: log_joint_params adds log pi_k = 0, leaving log N alone.
+  unit = mixture.replace(weights=jnp.ones_like(weights), means=mixture.means - centre)
+  w, bias = log_joint_params(unit)
+  return centre, split_rows(w, mixture.dim), bias
+
+
+def log_densities(x: jax.Array, params: tuple[jax.Array, list[jax.Array], jax.Array]
+                  ) -> jax.Array:
+  """log N(x_n; mu_k, Sigma_k) of all samples and components, component-major.
+
+  The band-by-band products of `gaussian.log_joint` on centred samples, with the output
+  transposed inside the matmuls (free there; transposing log_joint's (N, K) result cost 2-4x
+  on CPU). Component-major log-densities make the fit's per-candidate gathers contiguous.
+
+  Args:
+    x: array of shape (N, d).
+    params: `log_density_params` (K may be padded with zero columns and bias entries).
+
+  Returns:
+    array of shape (K, N). Memory (N, F) with F ~ d (d + 1) / 2: callers chunk N.
+  """
+  centre, w_pieces, bias = params
+  xc = x - centre
+  out = jnp.einsum("nd,dk->kn", xc, w_pieces[-2], precision=_HIGHEST) + bias[:, None]
+  for block, wb in zip(quadratic_blocks(xc), w_pieces[:-2]):
+    out = out + jnp.einsum("nf,fk->kn", block, wb, precision=_HIGHEST)
+  return out
+
+
+def _running_argmax(block: Callable[[jax.Array], jax.Array], n_blocks: jax.Array,
+                    shape: tuple[int, ...], dtype) -> tuple[jax.Array, jax.Array]:
+  """max and first argmax over a leading axis read in blocks of `_ARGMAX_BLOCK` slots.
+
+  jnp.argmax over a (short or long) axis is a slow variadic reduction on XLA:CPU (~0.1-0.3 G
+  elements/s); a running (max, argmax) over blocks, each reduced along its major axis, is
+  elementwise over the other axes and ~10x faster. Ties keep the first (smallest) slot, as
+  jnp.argmax: within a block by jnp.argmax, across blocks by the strict '>'.
+
+  Args:
+    block: i -> array of shape (`_ARGMAX_BLOCK`,) + shape, the scores of slots
+      [i * B, (i + 1) * B).
+    n_blocks: int32 scalar (may be traced), the number of blocks to read.
+    shape: shape of the reduced result.
+    dtype: dtype of the scores.
+
+  Returns:
+    best: array of `shape`, the max (-inf if every score is -inf).
+    z: int32 array of `shape`, the slot of the first max (0 if every score is -inf).
+  """
+  def body(i, carry):
+    best, z = carry
+    scores = block(i)
+    block_best = jnp.max(scores, axis=0)
+    block_z = jnp.argmax(scores, axis=0).astype(jnp.int32) + i * _ARGMAX_BLOCK
+    better = block_best > best
+    return jnp.where(better, block_best, best), jnp.where(better, block_z, z)
+
+  init = (jnp.full(shape, -jnp.inf, dtype), jnp.zeros(shape, jnp.int32))
+  return jax.lax.fori_loop(0, n_blocks, body, init)
+
+
+def _sample_positions(start: jax.Array, window_start: jax.Array, rows: int,
+                      grid: tuple[int, int], window: int, offsets: tuple[tuple[int, int], ...]
+                      ) -> tuple[jax.Array, jax.Array]:
+  """Where the disk samples of a chunk's positions lie in its window of computed samples.
+
+  Args:
+    start: int32 scalar, first grid row of the chunk.
+    window_start: int32 scalar, first grid row of the window (rows whose log-densities exist).
+    rows: rows of the chunk (static).
+    grid: (h, w) of the whole layer (static).
+    window: rows of the window (static).
+    offsets: static disk offsets.
+
+  Returns:
+    index: int32 array of shape (n_offsets, rows * w), window position r * w + c of the
+      samples at offset o of position p = i * w + j (clipped into the window where the
+      sample falls outside the grid).
+    ok: bool array of shape (n_offsets, rows * w), False where the sample falls outside the grid.
+  """
+  h, w = grid
+  i = start + jnp.arange(rows, dtype=jnp.int32)[:, None]
+  j = jnp.arange(w, dtype=jnp.int32)[None, :]
+  index, ok = [], []
+  for dy, dx in offsets:
+    y, x = i + dy, j + dx
+    ok.append(((y >= 0) & (y < h) & (x >= 0) & (x < w)).reshape(-1))
+    r = jnp.clip(y - window_start, 0, window - 1)
+    index.append((r * w + jnp.clip(x, 0, w - 1)).reshape(-1))
+  return jnp.stack(index), jnp.stack(ok)
+
+
+def _count_update(z: jax.Array, best: jax.Array, ok: jax.Array, n_slots: int
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Eq. 11-12 from the assignments of the disk samples of P positions.
+
+  Args:
+    z: int32 array of shape (n_offsets, P, M), the slot (component or candidate) each sample
+      is assigned to.
+    best: array of shape (n_offsets, P, M), the maximised score of each sample.
+    ok: bool array of shape (n_offsets, P), False for samples outside the grid.
+    n_slots: number of slots per position.
+
+  Returns:
+    log_weights: array of shape (P, n_slots), log |C_k(x)| / n(x) (-inf for empty slots).
+    mean_log_likelihood: array of shape (P,), mean of `best` over the valid samples.
+  """
+  n_off, p, m = z.shape
+  okf = ok.astype(best.dtype)
+  slot = jnp.arange(p, dtype=jnp.int32)[None, :, None] * n_slots + z
+  # Padding samples add 0 to the counts; where(...) keeps them out of the sum.
+  counts = jnp.zeros((p * n_slots,), best.dtype).at[slot.reshape(-1)].add(
+      jnp.broadcast_to(okf[..., None], z.shape).reshape(-1))
+  ll_sum = jnp.zeros((p,), best.dtype)
+  n_samples = jnp.zeros((p,), best.dtype)
+  for o in range(n_off):  # offset by offset, like `local_kmle_step`
+    ll_sum = ll_sum + jnp.sum(jnp.where(ok[o][:, None], best[o], 0.0), axis=-1)
+    n_samples = n_samples + m * okf[o]
+  log_weights = jnp.log(counts.reshape(p, n_slots)) - jnp.log(n_samples)[:, None]
+  return log_weights, ll_sum / n_samples
+
+
+def _fit_tile(buffer: jax.Array, log_dens: jax.Array, samples: tuple[jax.Array, jax.Array],
+              ok: jax.Array, active: jax.Array, log_w1: jax.Array, ll1: jax.Array,
+              tol: jax.Array, max_iter: int):
+  """Iterations 2.. of the local K-MLE of a tile of T positions, on their candidates only.
+
+  Exactness: a component with pi_k(x) = 0 (log-weight -inf) never wins the argmax of Eq. 10
+  at x, so its count stays 0 and its weight 0 for good. After the first update the iterations
+  at x therefore only need the candidates k with pi_k(x) > 0 (J(x) of them, ~50-75 of K ~ 1000
+  on real features), kept in increasing k so that ties go to the smallest k as with the full
+  argmax: the result is the full-K iteration's, not an approximation. The tile's samples'
+  log-densities at the candidates are gathered once (slot j of position t holds its j-th
+  candidate, slots past J(t) sit at log-weight -inf), and each update reads the slots
+  j < max_t J(t) only: a traced trip count, so tiles of positions with few candidates cost
+  little and no shape (no compilation) depends on the data.
+
+  Args:
+    buffer: array of shape (K', n_offsets, T, M), scratch for the gathered log-densities (its
+      content on entry is ignored; returned for reuse by the next tile).
+    log_dens: array of shape (n_batches, K', q, M), log N(u; k) of the window samples (window
+      position s at [s // q, :, s % q]), K' = K padded to a multiple of `_ARGMAX_BLOCK`.
+    samples: (batch, within) int32 arrays of shape (n_offsets, T), where the disk samples of
+      the tile's positions are in `log_dens`.
+    ok: bool array of shape (n_offsets, T), False for samples outside the grid.
+    active: bool array of shape (T,), False on padding entries of the tile.
+    log_w1: array of shape (T, K'), log-weights after the first update.
+    ll1: array of shape (T,), mean log-likelihood of the first update.
+    tol: relative tolerance on the mean log-likelihood.
+    max_iter: iteration cap (static, >= 2).
+
+  Returns:
+    buffer, log_weights (T, K'), n_iter (T,) int32, converged (T,) bool,
+    mean_log_likelihood (T,).
+  """
+  t, k = log_w1.shape
+  n_off = ok.shape[0]
+  m = log_dens.shape[-1]
+  batch, within = samples
+  finite = jnp.isfinite(log_w1)
+  n_cand = jnp.max(jnp.where(active, jnp.sum(finite, axis=-1), 0))
+  # Candidates first, in increasing k (stable sort); zero-weight components follow at -inf.
+  cand = jnp.argsort(jnp.logical_not(finite), axis=-1, stable=True).astype(jnp.int32)
+  log_w = jnp.take_along_axis(log_w1, cand, axis=-1)
+
+  def gather(j, buf):
+    vals = log_dens[batch, cand[:, j][None, :], within]  # (n_offsets, T, M): contiguous M
+    return jax.lax.dynamic_update_slice(buf, vals[None], (j, 0, 0, 0))
+
+  buffer = jax.lax.fori_loop(0, n_cand, gather, buffer)
+  n_blocks = (n_cand + _ARGMAX_BLOCK - 1) // _ARGMAX_BLOCK
+
+  def update(log_w):
+    log_w_t = log_w.T  # (K', T)
+
+    def block(i):
+      j = i * _ARGMAX_BLOCK
+      g = jax.lax.dynamic_slice_in_dim(buffer, j, _ARGMAX_BLOCK, axis=0)
+      lw = jax.lax.dynamic_slice_in_dim(log_w_t, j, _ARGMAX_BLOCK, axis=0)
+      return g + lw[:, None, :, None]  # Eq. 10: log N(u; k) + log pi_k(x)
+
+    best, z = _running_argmax(block, n_blocks, (n_off, t, m), log_w.dtype)
+    return _count_update(z, best, ok, k)
 
   def cond(carry):
     it, _, _, _, done = carry
@@ -244,24 +422,101 @@ def _fit_chunk(padded_feats: jax.Array, padded_valid: jax.Array, start: jax.Arra
 
   def body(carry):
     it, log_w, prev_ll, n_iter, done = carry
-    new_log_w, ll = local_kmle_step(log_dens, valid, log_w, offsets)
+    new_log_w, ll = update(log_w)
     # Each position is its own K-MLE problem and stops on its own criterion, so the result
-    # does not depend on how the grid is cut into chunks. Stopped positions stay frozen.
-    log_w = jnp.where(done[..., None], log_w, new_log_w)
-    # The first iteration has no previous log-likelihood to compare with.
-    converged = jnp.logical_and(it > 0, _relative_change(ll, prev_ll) < tol)
+    # does not depend on how positions are grouped. Stopped positions stay frozen.
+    log_w = jnp.where(done[:, None], log_w, new_log_w)
+    converged = _relative_change(ll, prev_ll) < tol
     n_iter = jnp.where(done, n_iter, n_iter + 1)
     prev_ll = jnp.where(done, prev_ll, ll)
     return it + 1, log_w, prev_ll, n_iter, jnp.logical_or(done, converged)
 
-  log_w0 = jnp.broadcast_to(init_log_weights, (rows, w, k))
-  ll0 = jnp.full((rows, w), -jnp.inf, log_dens.dtype)
-  # Rows below the grid (padding of the last chunk) have no samples (0 / 0 = NaN would never
-  # converge): they start done and are dropped by the caller.
-  outside = jnp.logical_not(valid[reach:reach + rows, reach:reach + w])
-  carry = (jnp.int32(0), log_w0, ll0, jnp.zeros((rows, w), jnp.int32), outside)
-  n_loops, log_w, ll, n_iter, done = jax.lax.while_loop(cond, body, carry)
-  return log_w, n_iter, jnp.logical_and(done, jnp.logical_not(outside)), ll, n_loops
+  # The first update ran on all components (`_fit_chunk`); padding entries start done.
+  carry = (jnp.int32(1), log_w, ll1, jnp.ones((t,), jnp.int32), jnp.logical_not(active))
+  _, log_w, ll, n_iter, done = jax.lax.while_loop(cond, body, carry)
+  # Back to component order: slot j of position t is component cand[t, j].
+  dense = jnp.zeros_like(log_w).at[jnp.arange(t)[:, None], cand].set(log_w)
+  return buffer, dense, n_iter, done, ll
+
+
+@functools.partial(jax.jit, static_argnames=("offsets", "rows", "window", "per_batch", "tile",
+                                             "max_iter"))
+def _fit_chunk(features: jax.Array, start: jax.Array, centre: jax.Array, w_pieces: list,
+               bias: jax.Array, init_log_weights: jax.Array, tol: jax.Array, *,
+               offsets: tuple[tuple[int, int], ...], rows: int, window: int, per_batch: int,
+               tile: int, max_iter: int):
+  """K-MLE of the local weights of the `rows` grid rows starting at row `start`.
+
+  The log-densities of the samples of the window of rows [start - R, start + rows + R)
+  (clipped to the grid) are computed once (centred expanded form, component-major); the first
+  update runs on all K components, the others on each position's candidates only
+  (`_fit_tile`), tile by tile, positions sorted by their number of candidates.
+
+  Args:
+    features: array of shape (M, h, w, d), the layer's features.
+    start: int32 scalar, first grid row of the chunk (start + rows <= h).
+    centre, w_pieces, bias: `log_density_params`, K padded to K' (a multiple of
+      `_ARGMAX_BLOCK`) with zero columns.
+    init_log_weights: array of shape (K',), log of the global weights (-inf on padding).
+    tol: relative change of each position's mean log-likelihood that stops its iterations.
+    per_batch: window positions per batch of the log-density products (all M images of a
+      position in one batch).
+
+  Returns:
+    log_weights (rows * w, K'), n_iter (rows * w,) int32, converged (rows * w,) bool,
+    mean_log_likelihood (rows * w,).
+  """
+  m, h, w, d = features.shape
+  k = bias.shape[0]
+  reach = _halo(offsets)
+  window_start = jnp.clip(start - reach, 0, h - window)
+  x = jax.lax.dynamic_slice(features, (0, window_start, 0, 0), (m, window, w, d))
+  # Samples ordered (window position, image): the M images of a position are contiguous.
+  x = jnp.moveaxis(x, 0, 2).reshape(window * w, m, d)
+  n_batches = -(-(window * w) // per_batch)
+  # Padding positions at the end are computed but never read.
+  x = jnp.pad(x, ((0, n_batches * per_batch - window * w), (0, 0), (0, 0)))
+  x = x.reshape(n_batches, per_batch * m, d)
+
+  def densities(xb):
+    # The log-densities do not depend on the weights: computed once, reused every iteration.
+    ld = log_densities(xb, (centre, w_pieces, bias))  # (K', per_batch * M)
+    # First update (Eq. 10) of every position at once: all positions start from the same
+    # global weights, so a sample's assignment is the same in every disk that holds it.
+    best, z = _running_argmax(
+        lambda i: jax.lax.dynamic_slice_in_dim(ld, i * _ARGMAX_BLOCK, _ARGMAX_BLOCK, axis=0)
+        + jax.lax.dynamic_slice_in_dim(init_log_weights, i * _ARGMAX_BLOCK, _ARGMAX_BLOCK)[:, None],
+        k // _ARGMAX_BLOCK, (per_batch * m,), ld.dtype)
+    return ld.reshape(k, per_batch, m), z.reshape(per_batch, m), best.reshape(per_batch, m)
+
+  log_dens, z0, best0 = jax.lax.map(densities, x)  # (n_batches, K', q, M), (n_batches, q, M) x2
+  index, ok = _sample_positions(start, window_start, rows, (h, w), window, offsets)
+  samples = (index // per_batch, index % per_batch)
+  log_w1, ll1 = _count_update(z0[samples], best0[samples], ok, k)
+  p = rows * w
+  if max_iter == 1:
+    return log_w1, jnp.ones((p,), jnp.int32), jnp.zeros((p,), bool), ll1
+
+  # Tiles of positions with similar numbers of candidates (an update costs ~ their max).
+  nnz = jnp.sum(jnp.isfinite(log_w1), axis=-1)
+  order = jnp.argsort(-nnz, stable=True).astype(jnp.int32)
+  n_tiles = -(-p // tile)
+  # Padding entries (inactive, done from the start) repeat position 0.
+  tiles = jnp.pad(order, (0, n_tiles * tile - p)).reshape(n_tiles, tile)
+  active = (jnp.arange(n_tiles * tile) < p).reshape(n_tiles, tile)
+
+  def tile_step(buffer, inputs):
+    pos, act = inputs
+    buffer, lw, n_iter, done, ll = _fit_tile(
+        buffer, log_dens, (samples[0][:, pos], samples[1][:, pos]), ok[:, pos], act,
+        log_w1[pos], ll1[pos], tol, max_iter)
+    return buffer, (lw, n_iter, done, ll)
+
+  buffer = jnp.zeros((k, len(offsets), tile, m), log_dens.dtype)
+  _, outputs = jax.lax.scan(tile_step, buffer, (tiles, active))
+  # Back to position order (padding entries dropped).
+  return tuple(jnp.zeros((p,) + a.shape[2:], a.dtype).at[order].set(
+      a.reshape((n_tiles * tile,) + a.shape[2:])[:p]) for a in outputs)
 
 
 def fit_local_log_weights(features: jax.Array, mixture: GaussianMixture, radius: float = 1.0,
@@ -284,7 +539,9 @@ def fit_local_log_weights(features: jax.Array, mixture: GaussianMixture, radius:
     tol: relative tolerance on the mean log-likelihood.
     callback: optional, called with a `LocalFitProgress` after each chunk of rows.
     max_chunk_elements: bound on M * (rows + 2R) * (w + 2R) * K, the log-densities held at
-      once; sets how many grid rows a chunk has.
+      once; sets how many grid rows a chunk has. A chunk also holds a (K, n_offsets, T, M)
+      scratch of at most a quarter of this size: about 5 * max_chunk_elements bytes in all
+      (float32).
 
   Returns:
     log_weights: array of shape (h, w, K), log pi_k(x), -inf where pi_k(x) = 0.
@@ -298,32 +555,39 @@ def fit_local_log_weights(features: jax.Array, mixture: GaussianMixture, radius:
   per_row = m * (w + 2 * reach) * k
   rows = int(max(1, min(h, max_chunk_elements // per_row - 2 * reach)))
   n_chunks = -(-h // rows)
-  bottom = n_chunks * rows - h
-  padded = jnp.pad(features, ((0, 0), (reach, reach + bottom), (reach, reach), (0, 0)))
-  valid = np.zeros((h + 2 * reach + bottom, w + 2 * reach), bool)
-  valid[reach:reach + h, reach:reach + w] = True
-  rows_per_batch = int(max(1, _DEFAULT_LOGPROB_ELEMENTS // (k * d)))
-  rows_per_batch = min(rows_per_batch, m * (rows + 2 * reach) * (w + 2 * reach))
+  window = min(h, rows + 2 * reach)
+  # About `default_chunk_size` samples per product, whole positions (all M images) each.
+  per_batch = int(max(1, min(window * w, default_chunk_size(d) // m)))
+  k_pad = -(-k // _ARGMAX_BLOCK) * _ARGMAX_BLOCK
+  tile = int(max(1, min(_TILE_POSITIONS, rows * w,
+                        max_chunk_elements // (4 * k_pad * m * len(offsets)))))
 
   dtype = features.dtype
-  prec_chol = precision_cholesky(mixture.cov_chol.astype(dtype))
-  log_det = cholesky_log_det(mixture.cov_chol.astype(dtype))
-  init = jnp.log(mixture.weights.astype(dtype))
+  mixture = jax.tree_util.tree_map(lambda a: a.astype(dtype), mixture)
+  centre, w_pieces, bias = log_density_params(mixture)
+  # Padding components: zero products, log-weight -inf (never assigned, never candidates).
+  w_pieces = [jnp.pad(piece, ((0, 0), (0, k_pad - k))) for piece in w_pieces]
+  bias = jnp.pad(bias, (0, k_pad - k))
+  init = jnp.pad(jnp.log(mixture.weights), (0, k_pad - k), constant_values=-jnp.inf)
   log_w_chunks, n_iter_chunks = [], []
   for c in range(n_chunks):
-    log_w, n_iter, done, ll, n_loops = _fit_chunk(
-        padded, jnp.asarray(valid), jnp.int32(c * rows), init, mixture.means.astype(dtype),
-        prec_chol, log_det, tol, offsets=offsets, rows=rows, max_iter=max_iter,
-        rows_per_batch=rows_per_batch)
-    last = min(rows, h - c * rows)  # the bottom chunk may hold padding rows
-    log_w_chunks.append(log_w[:last])
-    n_iter_chunks.append(n_iter[:last])
+    first, last = c * rows, min(h, (c + 1) * rows)
+    # The last chunk is shifted up to end at the grid's last row (its first rows repeat the
+    # previous chunk's, with identical results: positions are independent problems).
+    start = min(first, h - rows)
+    log_w, n_iter, done, ll = _fit_chunk(
+        features, jnp.int32(start), centre, w_pieces, bias, init, jnp.asarray(tol, dtype),
+        offsets=offsets, rows=rows, window=window, per_batch=per_batch, tile=tile,
+        max_iter=max_iter)
+    keep = slice((first - start) * w, (last - start) * w)
+    log_w_chunks.append(log_w[keep, :k].reshape(last - first, w, k))
+    n_iter_chunks.append(n_iter[keep].reshape(last - first, w))
     if callback is not None:
       callback(LocalFitProgress(
-          chunk=c, n_chunks=n_chunks, rows=(c * rows, c * rows + last),
-          iterations=int(n_loops),
-          converged_fraction=float(jnp.mean(done[:last])),
-          mean_log_likelihood=float(jnp.mean(ll[:last]))))
+          chunk=c, n_chunks=n_chunks, rows=(first, last),
+          iterations=int(jnp.max(n_iter[keep])),
+          converged_fraction=float(jnp.mean(done[keep])),
+          mean_log_likelihood=float(jnp.mean(ll[keep]))))
   return jnp.concatenate(log_w_chunks, axis=0), jnp.concatenate(n_iter_chunks, axis=0)
 
 

@@ -279,7 +279,7 @@ class GLAD:
       extractor = self.extractor
       size = (self.config.image_size, self.config.image_size)
       mask = None if self.mask is None else jnp.asarray(self.mask)
-      quantile = jnp.float32(self.config.quantile)
+      quantile = float(self.config.quantile)
 
       @jax.jit
       def fn(params, layer_models, images):

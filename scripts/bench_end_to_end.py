@@ -257,7 +257,7 @@ def scoring_profile(model: GLAD, test_feats: dict, repeats: int) -> dict[str, fl
     out[name] = 1000.0 * t.best / 16
   size = (model.config.image_size,) * 2
   mask = None if model.mask is None else jnp.asarray(model.mask)
-  q = jnp.float32(model.config.quantile)
+  q = float(model.config.quantile)
   t = profiling.time_call(lambda f: scoring.score_unchecked(layer_models, f, mask, q, size), feats,
                           repeats=repeats)
   out["all layers + fusion + quantile"] = 1000.0 * t.best / 16

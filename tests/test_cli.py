@@ -116,3 +116,13 @@ def test_demo_quick_runs_the_main_job(tmp_path):
   assert (tmp_path / "demo/roc.png").exists() and list((tmp_path / "demo/heatmaps").glob("*.png"))
   assert (tmp_path / "ck/glad_checkpoint.json").exists()
   assert "image_auroc" in proc.stdout
+
+
+def test_model_options_reach_the_config():
+  args = cli.build_parser().parse_args(
+      ["fit", "data", "--out", "ck", "--k", "7", "--no-oas", "--global-only", "--backbone-dtype", "bfloat16",
+       "--layers", "layer1, layer3", "--max-samples", "500"])
+  config = cli._config_from_args(args)
+  assert (config.n_components, config.use_oas, config.local, config.backbone_dtype, config.layers,
+          config.max_samples) == (7, False, False, "bfloat16", ("layer1", "layer3"), 500)
+  assert cli._config_from_args(cli.build_parser().parse_args(["fit", "d", "--out", "o"])).backbone_dtype == "float32"

@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from glad_jax import local
-from glad_jax.mixture.gaussian import GaussianMixture
+from glad_jax.mixture.gaussian import GaussianMixture, log_joint_params, split_rows
 
 
 def _mixture(rng, k, d, spread=1.0, scale=0.5):
@@ -166,6 +166,109 @@ def test_driver_chunking_and_max_iter():
       z = np.argmax(samples + np.log(weights), axis=1)
       np.testing.assert_allclose(np.exp(np.asarray(one[i, j])),
                                  np.bincount(z, minlength=k) / len(samples), atol=1e-6)
+
+
+def _numpy_local_kmle(dens, log_pi, radius, max_iter, tol):
+  """Straightforward local K-MLE: direct log-densities, all K components every iteration.
+
+  Per position: assign each disk sample to argmax_k log N + log pi_k(x) (Eq. 10), set
+  pi_k(x) = |C_k| / n (Eq. 11-12), stop once the relative change of the mean classification
+  log-likelihood is below tol (the update that met it is kept) or after max_iter updates.
+  """
+  m, h, w, k = dens.shape
+  log_w = np.empty((h, w, k))
+  n_iter = np.zeros((h, w), int)
+  for i in range(h):
+    for j in range(w):
+      samples = np.concatenate([dens[:, y, x] for y, x in _disk(i, j, h, w, radius)])
+      lw, prev = log_pi.copy(), None
+      for _ in range(max_iter):
+        scores = samples + lw
+        ll = np.mean(np.max(scores, axis=1))
+        with np.errstate(divide="ignore"):
+          lw = np.log(np.bincount(np.argmax(scores, axis=1), minlength=k) / len(samples))
+        n_iter[i, j] += 1
+        if prev is not None and abs(ll - prev) < tol * abs(prev):
+          break
+        prev = ll
+      log_w[i, j] = lw
+  return log_w, n_iter
+
+
+@pytest.mark.parametrize("radius, budget_rows", [(1.0, None), (2.0, 2)])
+def test_fit_matches_numpy_kmle_with_candidate_compaction(radius, budget_rows):
+  """The fast fit (first update per sample, then compact candidate sets) equals full-K K-MLE.
+
+  K = 67 (not a multiple of the argmax block, one masked component) is well above the final
+  number of non-zeros, so the later updates run on compact candidate sets; radius 2 with a
+  small budget cuts the grid into several chunks of rows (the last one shifted up to the
+  grid's end), with tiles of one position.
+  """
+  rng = np.random.default_rng(6)
+  m, h, w, k, d = 6, 7, 5, 67, 3
+  _, means, covs, weights = _mixture(rng, k, d, spread=2.0, scale=0.3)
+  weights[5] = 0.0  # a masked component: never assigned
+  # Component 8 duplicates 7: exact ties, which the argmax of Eq. 10 gives to the first, 7.
+  means[8], covs[8], weights[8] = means[7], covs[7], weights[7]
+  weights /= weights.sum()
+  mix = GaussianMixture(weights=jnp.asarray(weights, jnp.float32),
+                        means=jnp.asarray(means, jnp.float32),
+                        cov_chol=jnp.asarray(np.linalg.cholesky(covs), jnp.float32))
+  # Position-dependent data: each column of the grid draws around its own few components.
+  centres = rng.integers(0, k, (w, 4))
+  centres[centres == 5] = 6
+  centres[:, 0] = 7
+  z = centres[np.arange(w)[None, None, :], rng.integers(0, 4, (m, h, w))]
+  feats = (means[z] + 0.8 * rng.standard_normal((m, h, w, d))).astype(np.float32)
+  dens = _scipy_log_dens(feats.reshape(-1, d).astype(np.float64),
+                         means.astype(np.float32).astype(np.float64), covs).reshape(m, h, w, k)
+  with np.errstate(divide="ignore"):
+    log_pi = np.log(weights.astype(np.float32).astype(np.float64))
+  ref_w, ref_it = _numpy_local_kmle(dens, log_pi, radius, max_iter=30, tol=1e-6)
+
+  reach = int(radius)
+  kwargs = {}
+  if budget_rows is not None:
+    kwargs["max_chunk_elements"] = m * (w + 2 * reach) * k * (budget_rows + 2 * reach)
+  progress = []
+  log_w, n_iter = local.fit_local_log_weights(feats, mix, radius=radius, max_iter=30, tol=1e-6,
+                                              callback=progress.append, **kwargs)
+  log_w, n_iter = np.asarray(log_w), np.asarray(n_iter)
+  np.testing.assert_array_equal(np.isfinite(log_w), np.isfinite(ref_w))
+  np.testing.assert_allclose(np.where(np.isfinite(log_w), log_w, 0.0),
+                             np.where(np.isfinite(ref_w), ref_w, 0.0), atol=1e-6)
+  np.testing.assert_array_equal(n_iter, ref_it)
+  # The compaction really runs: several updates on candidate sets much smaller than K.
+  nnz = np.isfinite(log_w).sum(-1)
+  assert n_iter.max() >= 3 and nnz.max() <= k // 2 and not np.isfinite(log_w[..., 5]).any()
+  assert np.isfinite(log_w[..., 7]).any() and not np.isfinite(log_w[..., 8]).any()
+  if budget_rows is None:
+    assert [p.rows for p in progress] == [(0, h)]
+  else:
+    assert [p.rows for p in progress] == [(0, 2), (2, 4), (4, 6), (6, 7)]
+  assert [p.iterations for p in progress] == [ref_it[a:b].max() for a, b in
+                                              (p.rows for p in progress)]
+
+
+def test_centred_log_densities_match_scipy_far_from_origin():
+  """The fit's expanded-form log-densities, centred on the mixture mean, at an offset of ~100."""
+  rng = np.random.default_rng(5)
+  k, d = 7, 5
+  _, means, covs, weights = _mixture(rng, k, d, spread=1.0, scale=0.3)
+  means = means + 100.0
+  mix = GaussianMixture(weights=jnp.asarray(weights, jnp.float32),
+                        means=jnp.asarray(means, jnp.float32),
+                        cov_chol=jnp.asarray(np.linalg.cholesky(covs), jnp.float32))
+  x = (100.0 + rng.standard_normal((64, d))).astype(np.float32)
+  ref = _scipy_log_dens(x.astype(np.float64), means.astype(np.float32).astype(np.float64), covs)
+  params = local.log_density_params(mix)
+  np.testing.assert_allclose(np.asarray(params[0]), weights @ means, rtol=1e-6)
+  got = np.asarray(local.log_densities(jnp.asarray(x), params)).T  # (K, N) -> (N, K)
+  np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4)
+  # The offset matters: the same products without centring lose far more to cancellation.
+  w, b = log_joint_params(mix.replace(weights=jnp.ones(k, jnp.float32)))
+  raw = local.log_densities(jnp.asarray(x), (jnp.zeros(d, jnp.float32), split_rows(w, d), b))
+  assert np.max(np.abs(np.asarray(raw).T - ref)) > 1e-3
 
 
 def test_sparsify_layout_and_round_trip():

@@ -1,6 +1,7 @@
 """Tests of glad_jax.scoring against SciPy/NumPy references (log-pdf, logsumexp, bilinear
 resize, quantile), plus the structural cost claim of sparse scoring."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -102,6 +103,33 @@ def test_fusion_matches_numpy_bilinear():
   fused = scoring.fuse_log_likelihoods([jnp.asarray(m, jnp.float32) for m in maps], (16, 12))
   ref = sum(_bilinear_np(m, (16, 12)) for m in maps)
   np.testing.assert_allclose(np.asarray(fused), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("q", [0.0, 0.005, 0.013, 0.5, 0.7, 0.995, 1.0])
+def test_top_k_quantile_matches_numpy(q):
+  """The top-k quantile equals np.quantile's linear rule at both ends, with ties, under a mask
+  (traced, inside jit) and with integer h = q (n - 1)."""
+  rng = np.random.default_rng(7)
+  ll = rng.standard_normal((2, 32, 25)).astype(np.float32)
+  ll[1, :4] = 0.25                                   # ties
+  mask = rng.uniform(size=(32, 25)) < 0.6
+  score = jax.jit(scoring.image_score, static_argnums=2)
+  np.testing.assert_allclose(np.asarray(score(jnp.asarray(ll), None, q)),
+                             [-np.quantile(x, q) for x in ll], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(score(jnp.asarray(ll), jnp.asarray(mask), q)),
+                             [-np.quantile(x[mask], q) for x in ll], rtol=1e-6, atol=1e-6)
+
+
+def test_top_k_quantile_gradient_matches_interpolation_weights():
+  """d score / d ll puts weights (1 - t, t) on the two order statistics (what PGD relies on)."""
+  rng = np.random.default_rng(8)
+  ll = rng.permutation(np.arange(200, dtype=np.float32)).reshape(1, 10, 20)
+  q = 0.013                                          # h = 2.587: order statistics 2 and 3
+  grad = np.asarray(jax.grad(lambda x: scoring.image_score(x, None, q)[0])(jnp.asarray(ll)))
+  expected = np.zeros_like(ll)
+  expected[ll == 2.0] = -(1 - 0.587)
+  expected[ll == 3.0] = -0.587
+  np.testing.assert_allclose(grad, expected, atol=1e-5)
 
 
 def test_quantile_score_and_mask():

@@ -295,8 +295,7 @@ def _subset_extractor(extractor: FeatureExtractor, layers: tuple[str, ...]) -> F
 
 def _glad_apply(extractor_apply, quantile: float, size: tuple[int, int], params, state, images):
   feats = extractor_apply(params, images)
-  out = scoring.score_unchecked(state["layers"], feats, state["mask"],
-                                jnp.asarray(quantile, jnp.float32), size)
+  out = scoring.score_unchecked(state["layers"], feats, state["mask"], quantile, size)
   return out.image_score, out.anomaly_map
 
 
