@@ -165,7 +165,8 @@ def test_cluster_moments_match_numpy_with_ignored_rows_and_empty_clusters():
     np.testing.assert_allclose(scatter[j], diff.T @ diff, rtol=1e-4, atol=1e-8)
   # Eq. 3 through the shifted sums stays accurate 1e5 standard deviations from the origin.
   stats = SufficientStats(counts=counts, sums=sums, scatter=scatter, loglik=jnp.zeros(()),
-                          class_loglik=jnp.zeros(()), n_samples=jnp.float32(n))
+                          class_loglik=jnp.zeros(()), n_samples=jnp.float32(n),
+                          n_fallback=jnp.zeros((), jnp.int32))
   new, _ = m_step(stats, jnp.asarray(shift), use_oas=False, reg_covar=0.0, min_cluster_size=2)
   for j in range(k):
     if (z == j).sum() >= 2:

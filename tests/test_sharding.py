@@ -60,7 +60,12 @@ _SCRIPT = textwrap.dedent("""
                                                                    centres)])
     # EM: a fixed number of iterations (with OAS its log-likelihood is not monotone, and near
     # tol = 1e-6 float32 summation order alone can decide whether it stops one step earlier).
+    # kmle_pruned: the certified candidate pruning of the assignment (its dense fallback runs on
+    # every shard that needs it) must give the dense model too.
     for name, fit, cfg in [("kmle", fit_kmle, KMLEConfig(n_components=24, chunk_size=32)),
+                           ("kmle_pruned", fit_kmle,
+                            KMLEConfig(n_components=24, chunk_size=32, assignment="pruned",
+                                       bound_rank=2, n_candidates=4)),
                            ("em", fit_em, EMConfig(n_components=6, max_iter=3, tol=0.0,
                                                    chunk_size=32))]:
       for tag, m in [("sharded", mesh), ("single", None)]:
@@ -83,7 +88,7 @@ def test_eight_devices_give_the_same_model_as_one(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   r = np.load(path)
   np.testing.assert_allclose(r["psum"], r["psum_ref"], rtol=1e-5)
-  for name in ("kmle", "em"):
+  for name in ("kmle", "kmle_pruned", "em"):
     s, o = f"{name}_sharded_", f"{name}_single_"
     assert r[s + "w"].shape == r[o + "w"].shape                     # same K after pruning
     np.testing.assert_array_equal(r[s + "live"], r[o + "live"])
@@ -92,3 +97,6 @@ def test_eight_devices_give_the_same_model_as_one(tmp_path):
     np.testing.assert_allclose(r[s + "cov"], r[o + "cov"], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(r[s + "ll"], r[o + "ll"], rtol=1e-5)
   assert r["kmle_single_w"].shape[0] < 24                         # pruning did happen
+  for field in ("w", "mu", "cov"):
+    np.testing.assert_allclose(r[f"kmle_pruned_single_{field}"], r[f"kmle_single_{field}"],
+                               rtol=1e-5, atol=1e-5)
