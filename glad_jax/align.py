@@ -655,6 +655,61 @@ def warp(images, params, model: str, *, order: int = 3, mode: str = "edge",
   return out.astype(dtype)
 
 
+class Aligner:
+  """Alignment on one fixed reference as a pure, jittable function of a uint8 batch.
+
+  `align` and `estimate_motion` validate and convert on the host, then run the jitted cores;
+  this does the host work once, for the reference, so that the whole of
+  ``images -> aligned images -> ...`` can be composed under one ``jax.jit`` (e.g. the fused scoring
+  function of `glad_jax.model`). Same algorithm and settings as `estimate_motion` + `warp`; the
+  motions stay 3x3 matrices in float32 instead of going through the model's parameters in
+  float64, so aligned pixels can differ from `align`'s by rounding (one gray level at most in
+  practice).
+
+      aligner = Aligner(reference, "similarity")
+      aligned, motions = jax.jit(aligner)(images)       # uint8 (B, H, W, C) -> same, (B, 3, 3)
+      back = aligner.unwarp(maps, motions)              # reference frame -> input frames
+  """
+
+  def __init__(self, reference, model: str, settings: AlignSettings = AlignSettings()):
+    _check_model(model)
+    if settings.robust not in ROBUST_FUNCTIONS:
+      raise ValueError(f"unknown robust function {settings.robust!r}; expected one of "
+                       f"{ROBUST_FUNCTIONS}")
+    ref = _prepare(reference, "reference", batched=False)
+    n_scales = settings.n_scales or auto_n_scales(ref.shape)
+    if n_scales < 1 or min(ref.shape) >> (n_scales - 1) < 8:
+      raise ValueError(f"n_scales={n_scales} is too many for {ref.shape[0]}x{ref.shape[1]} "
+                       f"images (the coarsest level must keep >= 8 pixels a side)")
+    self.model = model
+    self.settings = dataclasses.replace(settings, n_scales=n_scales)
+    self.shape = ref.shape
+    self._reference = jnp.asarray(ref)
+    self._basis = jnp.asarray(_model_basis(model))
+    self._euclidean = jnp.asarray(model == "euclidean")
+    s = max(ref.shape) / 2.0
+    self._to_pixels = jnp.asarray(np.diag([s, s, 1.0]), jnp.float32)
+    self._to_normalised = jnp.asarray(np.diag([1 / s, 1 / s, 1.0]), jnp.float32)
+
+  def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """uint8 images (B, H, W, C), C in {1, 3} -> (aligned uint8 images, motions (B, 3, 3)):
+    ``aligned(x) = image(M x)`` in pixel-centred coordinates."""
+    x = images.astype(jnp.float32)
+    luma = x[..., 0] if x.shape[-1] == 1 else x[..., :3] @ jnp.float32([0.299, 0.587, 0.114])
+    eye = jnp.broadcast_to(jnp.eye(3, dtype=jnp.float32), (x.shape[0], 3, 3))
+    m = _estimate(self._reference, luma, eye, self._basis, self._euclidean,
+                  n_scales=self.settings.n_scales, st=self.settings)
+    motions = self._to_pixels @ m @ self._to_normalised
+    out = _warp_batch(x, motions, jnp.float32(0.0), order=3, mode="edge")
+    return jnp.clip(jnp.round(out), 0, 255).astype(images.dtype), motions
+
+  def unwarp(self, maps: jax.Array, motions: jax.Array) -> jax.Array:
+    """Maps (B, H, W) in the reference frame -> the frames of the input images (bilinear,
+    border replicated): ``out(y) = map(M^{-1} y)``."""
+    out = _warp_batch(maps[..., None], _inv3(motions), jnp.float32(0.0), order=1, mode="edge")
+    return out[..., 0]
+
+
 @dataclasses.dataclass(frozen=True)
 class Alignment:
   """Result of `align`.
@@ -705,6 +760,7 @@ def align(images, model: str, *, reference=None, masks=None,
 
 __all__ = [
     "MODELS",
+    "Aligner",
     "ROBUST_FUNCTIONS",
     "AlignSettings",
     "Alignment",

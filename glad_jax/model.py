@@ -140,25 +140,23 @@ class GLAD:
       raise ValueError("this GLAD model is not fitted: call fit(images) or GLAD.load(path) first")
 
   def _align(self, images: np.ndarray) -> np.ndarray:
-    return self._align_with_params(images)[0]
-
-  def _align_with_params(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """(images aligned on the reference, motion parameters (N, p) or None when alignment is off)."""
+    """Images aligned on the reference (unchanged when alignment is off)."""
     if self.config.align == "none":
-      return images, None
+      return images
     from glad_jax import align
 
-    result = align.align(images, self.config.align, reference=self.reference)
-    return np.asarray(result.images), np.asarray(result.params)
+    return np.asarray(align.align(images, self.config.align, reference=self.reference).images)
 
-  def _unalign_maps(self, maps: np.ndarray, params: np.ndarray | None) -> np.ndarray:
-    """Warps anomaly maps from the reference frame back onto the input images (identity without alignment)."""
-    if params is None:
-      return maps
+  def aligner(self):
+    """The `glad_jax.align.Aligner` on this model's reference, or None when alignment is off."""
+    if self.config.align == "none":
+      return None
+    if self.reference is None:
+      raise ValueError("this model aligns images (align="
+                       f"{self.config.align!r}) but has no reference image: fit it first")
     from glad_jax import align
 
-    inverse = align.invert_params(params, self.config.align)
-    return np.asarray(align.warp(maps, inverse, self.config.align, order=1, mode="edge"))
+    return align.Aligner(self.reference, self.config.align)
 
   def features(self, images: Any, *, batch_size: int = 16, progress: Progress | None = None,
                prepared: bool = False) -> dict[str, np.ndarray]:
@@ -273,19 +271,28 @@ class GLAD:
     return {name: tuple(shapes[name][:2]) for name in self.layers}
 
   def score_fn(self):
-    """One jit-compiled function: uint8 images (B, S, S, 3), already aligned -> (image scores, anomaly maps)."""
+    """One jit-compiled function: uint8 images (B, S, S, 3) -> (image scores, anomaly maps).
+
+    Alignment on the reference (when configured), backbone, sparse local-mixture log-likelihoods,
+    layer fusion, mask, quantile, and the maps warped back onto the input images: no host step.
+    The image score is taken in the reference frame, as in the paper.
+    """
     if self._score_fn is None:
       models = self.layer_models()
       extractor = self.extractor
+      aligner = self.aligner()
       size = (self.config.image_size, self.config.image_size)
       mask = None if self.mask is None else jnp.asarray(self.mask)
       quantile = float(self.config.quantile)
 
       @jax.jit
       def fn(params, layer_models, images):
+        if aligner is not None:
+          images, motions = aligner(images)
         feats = extractor.apply(params, images)
         out = scoring.score_unchecked(layer_models, feats, mask, quantile, size)
-        return out.image_score, out.anomaly_map
+        maps = out.anomaly_map if aligner is None else aligner.unwarp(out.anomaly_map, motions)
+        return out.image_score, maps
 
       self._score_fn = lambda images: fn(extractor.params, models, images)
     return self._score_fn
@@ -295,7 +302,7 @@ class GLAD:
     self._require_fitted()
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
       raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    x, motions = self._align_with_params(prepare_images(images, self.config.image_size))
+    x = prepare_images(images, self.config.image_size)
     fn = self.score_fn()
     scores, maps = [], []
     n = x.shape[0]
@@ -310,9 +317,9 @@ class GLAD:
       if progress is not None:
         progress("score", {"done": min(start + batch_size, n), "total": n})
     image_scores = np.concatenate(scores)
-    # Maps are returned in the frame of the input images (so heat maps overlay them and pixel metrics use their
-    # ground truth as is); the image score is computed in the reference frame, as in the paper.
-    anomaly_maps = self._unalign_maps(np.concatenate(maps), motions)
+    # Maps come back in the frame of the input images (heat maps overlay them, pixel metrics use their ground
+    # truth as is); the image score is computed in the reference frame, as in the paper.
+    anomaly_maps = np.concatenate(maps)
     labels = None if self.image_threshold is None else image_scores > self.image_threshold
     pixels = None if self.pixel_threshold is None else anomaly_maps > self.pixel_threshold
     return Prediction(image_scores, anomaly_maps, labels, pixels)

@@ -125,3 +125,33 @@ def data_parallel_sum(fn: Callable[[Any, jax.Array, jax.Array], Any], mesh: Mesh
   # constant), not written with varying-axis annotations; the psum makes the output replicated.
   return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axis), P(axis)), out_specs=P(),
                        check_vma=False)
+
+
+def data_parallel(fn: Callable[[Any, jax.Array, jax.Array, Any], tuple[Any, Any]],
+                  mesh: Mesh | None, state_in: Any = None, state_out: Any = None
+                  ) -> Callable[[Any, jax.Array, jax.Array, Any], tuple[Any, Any]]:
+  """`data_parallel_sum` with per-device state that lives with the samples.
+
+  Args:
+    fn: ``fn(params, x_local, mask_local, state_local) -> (sums, new_state_local)``: sums over
+      its rows as in `data_parallel_sum`, plus state kept per device (e.g. per-sample caches).
+    mesh: a 1-D mesh, or None (then `fn` is returned unchanged).
+    state_in, state_out: pytrees of `PartitionSpec` (prefixes of the state and of the new
+      state): ``P(axis)`` for parts split by rows like x, ``P()`` for replicated parts; None
+      where there is no state.
+
+  Returns:
+    ``g(params, x, mask, state) -> (sums, new_state)``, the sums added across devices with one
+    ``psum`` (replicated), the new state split as `state_out` says.
+  """
+  if mesh is None:
+    return fn
+  axis = _axis(mesh)
+
+  def local(params, x, mask, state):
+    sums, new_state = fn(params, x, mask, state)
+    return jax.lax.psum(sums, axis), new_state
+
+  spec = lambda s: P() if s is None else s  # noqa: E731  (a spec for an empty state)
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axis), P(axis), spec(state_in)),
+                       out_specs=(P(), spec(state_out)), check_vma=False)

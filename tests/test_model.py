@@ -1,5 +1,7 @@
 """GLAD(config) end to end on a tiny backbone: fit / score / calibrate / save / load, ablations, errors."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -148,16 +150,27 @@ def test_errors_are_clear(fitted, data, tmp_path):
 
 
 def test_maps_are_returned_in_the_input_frame(data):
-  """With alignment, maps computed in the reference frame are warped back onto the input images."""
+  """With alignment, maps computed in the reference frame are warped back onto the input images,
+  inside the fused scoring function; its alignment matches the host-side `align.align`."""
   from glad_jax import align
 
-  config = GLADConfig(backbone="resnet_tiny", image_size=64, n_components=4, max_iter=5, align="similarity")
-  model = GLAD(config)
+  rng = np.random.default_rng(3)
+  reference = texture(rng, 64)
+  params = np.array([[1.5, -2.0, 0.02, 0.05], [-3.0, 1.0, -0.03, -0.02]], np.float32)
+  moved = np.asarray(align.warp(np.stack([reference] * 2), align.invert_params(params, "similarity"),
+                                "similarity"))
+  aligner = align.Aligner(reference, "similarity")
+  fused, motions = jax.jit(aligner)(jnp.asarray(moved))
+  host = align.align(moved, "similarity", reference=reference)
+  interior = (slice(None), slice(8, -8), slice(8, -8))
+  assert np.abs(np.asarray(fused, int) - np.asarray(host.images, int))[interior].max() <= 1
+  np.testing.assert_allclose(np.asarray(motions), align.params_to_matrix(np.asarray(host.params), "similarity"),
+                             atol=2e-3)
   yy, xx = np.mgrid[0:64, 0:64].astype(np.float32)
   maps = np.stack([np.sin(xx / 9.0) + np.cos(yy / 7.0)] * 2)
-  params = np.array([[1.5, -2.0, 0.02, 0.05], [-3.0, 1.0, -0.03, -0.02]], np.float32)
-  in_reference_frame = np.asarray(align.warp(maps, params, "similarity", order=1))
-  back = model._unalign_maps(in_reference_frame, params)
-  interior = (slice(None), slice(8, -8), slice(8, -8))
+  in_reference_frame = np.asarray(align.warp(maps, host.params, "similarity", order=1))
+  back = np.asarray(aligner.unwarp(jnp.asarray(in_reference_frame), motions))
   np.testing.assert_allclose(back[interior], maps[interior], atol=0.05)
-  assert model._unalign_maps(maps, None) is maps
+  assert GLAD(GLADConfig(backbone="resnet_tiny")).aligner() is None
+  with pytest.raises(ValueError, match="no reference image"):
+    GLAD(GLADConfig(backbone="resnet_tiny", align="similarity")).aligner()

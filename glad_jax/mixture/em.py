@@ -56,8 +56,9 @@ def em_step(mixture: GaussianMixture, x: jax.Array, mask: jax.Array | None = Non
     (new mixture with K rows, `MixtureStats` whose likelihoods are the input mixture's).
   """
   x, mask, cs = _pad_for_chunks(x, mask, chunk_size)
-  return _step(mixture, x, mask, reg_covar, min_cluster_size, hard=False, use_oas=use_oas,
-               chunk_size=cs)
+  new, stats, _ = _step(mixture, x, mask, reg_covar, min_cluster_size, hard=False,
+                        use_oas=use_oas, chunk_size=cs)
+  return new, stats
 
 
 def fit_em(x: Any, config: EMConfig = EMConfig(), key: jax.Array | None = None,

@@ -50,6 +50,7 @@ from glad_jax.mixture.gaussian import (GaussianMixture, expanded_size, log_joint
                                        log_joint_params, quadratic_blocks, quadratic_size,
                                        split_rows, unpack_quadratic)
 from glad_jax.mixture.oas import oas_covariance
+from glad_jax.mixture import pruned
 from glad_jax.mixture.pruned import projection_basis, pruned_assignment_pass
 from glad_jax.mixture.tiles import tile_layout
 
@@ -60,6 +61,13 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 PRUNE_MIN_DIM = 64
 # 'auto' assignment: back to dense when an iteration certifies fewer than this share of samples.
 PRUNE_MAX_FALLBACK = 0.25
+# Candidate cache: a cached iteration that certifies fewer than this share of samples ends the
+# cache's use (the next iteration is a full pass, which builds a new one).
+CACHE_MAX_FALLBACK = 0.1
+# 'auto' assignment: prune only when a dense pass costs at least this many multiply-adds
+# (N K (d (d + 1) / 2 + d + 1); ~0.2 s on a 2-core CPU): the pruned step takes seconds more to
+# compile, which small fits would not win back.
+PRUNE_MIN_WORK = 2e10
 
 Callback = Callable[[int, float, int], None]
 
@@ -89,11 +97,18 @@ class KMLEConfig:
       (up to float32 ties). 'dense' scores all K components of every sample; 'pruned' scores
       cheap upper bounds of all K, then the best `n_candidates` exactly, and certifies the
       argmax (`glad_jax.mixture.pruned`; uncertified samples are scored densely); 'auto' prunes
-      when d >= `PRUNE_MIN_DIM` and the bound's rank is below d, and goes back to dense for the
-      rest of the fit if an iteration leaves more than `PRUNE_MAX_FALLBACK` of the samples
-      uncertified.
+      when d >= `PRUNE_MIN_DIM`, the bound's rank is below d and a dense pass would cost at
+      least `PRUNE_MIN_WORK` multiply-adds, and goes back to dense for the rest of the fit if
+      an iteration leaves more than `PRUNE_MAX_FALLBACK` of the samples uncertified.
     bound_rank: r, the dimension of the projection behind the bounds (pruned only).
-    n_candidates: C, components scored exactly per sample (pruned only).
+    n_candidates: C, components scored exactly per sample (pruned passes and the cache).
+    candidate_cache: reuse each sample's C best components of a full assignment pass in the
+      next iterations, certified against bounds on how far the parameters moved since
+      (`glad_jax.mixture.pruned`; same labels, no K-wide work while it holds); a cached
+      iteration that leaves more than `CACHE_MAX_FALLBACK` of the samples uncertified makes the
+      next one a full pass again. Off by default: on tire's layer 1 (860k samples, K ~ 1000)
+      the many small clusters move too far between early iterations for any cached candidate
+      to certify (every sample fell back), so it only pays late in long fits.
   """
 
   n_components: int = 1000
@@ -108,6 +123,7 @@ class KMLEConfig:
   assignment: str = "auto"
   bound_rank: int = 32
   n_candidates: int = 16
+  candidate_cache: bool = False
 
   def replace(self, **changes) -> "KMLEConfig":
     return dataclasses.replace(self, **changes)
@@ -150,8 +166,9 @@ class FitInfo:
     class_loglik: per iteration, mean max_k log pi_k N(u; k).
     n_live: per iteration, the number of components alive after its update.
     objective: 'classification' (K-MLE) or 'mixture' (EM): which curve `loglik` is.
-    pruned: per iteration, whether the assignment was pruned (see `KMLEConfig.assignment`).
-    n_fallback: per iteration, samples the pruned assignment scored densely (0 when dense).
+    assignment: per iteration, how Eq. 1 was computed: 'dense', 'pruned' (projected bounds) or
+      'cached' (candidates of an earlier pass); see `KMLEConfig`. EM: 'soft'.
+    n_fallback: per iteration, samples a pruned or cached pass scored densely (0 when dense).
   """
 
   n_iter: int
@@ -161,7 +178,7 @@ class FitInfo:
   class_loglik: tuple[float, ...]
   n_live: tuple[int, ...]
   objective: str
-  pruned: tuple[bool, ...] = ()
+  assignment: tuple[str, ...] = ()
   n_fallback: tuple[int, ...] = ()
 
 
@@ -357,17 +374,38 @@ def sufficient_statistics(mixture: GaussianMixture, x: jax.Array, mask: jax.Arra
   Returns:
     `SufficientStats`; reference points: ``mixture.means`` if hard, else 0.
   """
+  return _statistics(mixture, x, mask, hard=hard, chunk_size=chunk_size, basis=basis,
+                     n_candidates=n_candidates)[0]
+
+
+def _hard_assignment(mixture, x, mask, basis, cache, *, chunk_size, n_candidates, refresh
+                     ) -> pruned.Assignment:
+  """Eq. 1 by the cheapest exact route available (see `KMLEConfig.assignment`): the candidates
+  of an earlier pass (`cache`), projected bounds (`basis`), or all K scores."""
+  if cache is not None:
+    return pruned.cached_assignment_pass(mixture, cache, x, mask, chunk_size=chunk_size)
+  if basis is not None:
+    return pruned_assignment_pass(mixture, basis, x, mask, chunk_size=chunk_size,
+                                  n_candidates=n_candidates, with_cache=refresh)
+  if refresh:
+    return pruned.dense_candidates_pass(mixture, x, mask, chunk_size=chunk_size,
+                                        n_candidates=n_candidates)
+  z, ll, cl = assignment_pass(log_joint_params(mixture), x, mask, chunk_size=chunk_size)
+  return pruned.Assignment(z, ll, cl, jnp.zeros((), jnp.int32), None)
+
+
+def _statistics(mixture, x, mask, *, hard, chunk_size, basis=None, cache=None,
+                n_candidates=16, refresh=False
+                ) -> tuple[SufficientStats, pruned.CandidateCache | None]:
+  """`sufficient_statistics`, plus the candidate cache of the assignment when `refresh`."""
   if not hard:
-    return soft_moments_pass(log_joint_params(mixture), x, mask, chunk_size=chunk_size)
-  if basis is None:
-    z, ll, cl = assignment_pass(log_joint_params(mixture), x, mask, chunk_size=chunk_size)
-    n_fallback = jnp.zeros((), jnp.int32)
-  else:
-    z, ll, cl, n_fallback = pruned_assignment_pass(mixture, basis, x, mask, chunk_size=chunk_size,
-                                                   n_candidates=n_candidates)
-  counts, sums, scatter = cluster_moments(x, z, mixture.means)
-  return SufficientStats(counts=counts, sums=sums, scatter=scatter, loglik=ll, class_loglik=cl,
-                         n_samples=jnp.sum(mask.astype(x.dtype)), n_fallback=n_fallback)
+    return soft_moments_pass(log_joint_params(mixture), x, mask, chunk_size=chunk_size), None
+  a = _hard_assignment(mixture, x, mask, basis, cache, chunk_size=chunk_size,
+                       n_candidates=n_candidates, refresh=refresh)
+  counts, sums, scatter = cluster_moments(x, a.labels, mixture.means)
+  return SufficientStats(counts=counts, sums=sums, scatter=scatter, loglik=a.loglik,
+                         class_loglik=a.class_loglik, n_samples=jnp.sum(mask.astype(x.dtype)),
+                         n_fallback=a.n_fallback), a.cache
 
 
 def m_step(stats: SufficientStats, shift: jax.Array | float, *, use_oas: bool,
@@ -410,22 +448,28 @@ def m_step(stats: SufficientStats, shift: jax.Array | float, *, use_oas: bool,
 
 
 def _step(mixture: GaussianMixture, x: jax.Array, mask: jax.Array, reg_covar, min_cluster_size,
-          basis: jax.Array | None = None, *, hard: bool, use_oas: bool, chunk_size: int,
-          n_candidates: int = 16, mesh: Mesh | None = None
-          ) -> tuple[GaussianMixture, MixtureStats]:
-  def local_stats(params, x, mask):
+          basis: jax.Array | None = None, cache: pruned.CandidateCache | None = None, *,
+          hard: bool, use_oas: bool, chunk_size: int, n_candidates: int = 16,
+          refresh: bool = False, mesh: Mesh | None = None
+          ) -> tuple[GaussianMixture, MixtureStats, pruned.CandidateCache | None]:
+  """One iteration; with `refresh`, also the candidate cache of its assignment pass."""
+  def local_stats(params, x, mask, cache):
     mixture, basis = params
-    return sufficient_statistics(mixture, x, mask, hard=hard, chunk_size=chunk_size, basis=basis,
-                                 n_candidates=n_candidates)
+    return _statistics(mixture, x, mask, hard=hard, chunk_size=chunk_size, basis=basis,
+                       cache=cache, n_candidates=n_candidates, refresh=refresh)
 
-  stats = sharding.data_parallel_sum(local_stats, mesh)((mixture, basis), x, mask)
+  specs = None if mesh is None else pruned.cache_partition_specs(sharding._axis(mesh))
+  fresh = refresh and hard and cache is None
+  stats, new_cache = sharding.data_parallel(
+      local_stats, mesh, state_in=None if cache is None else specs,
+      state_out=specs if fresh else None)((mixture, basis), x, mask, cache)
   new, n_failed = m_step(stats, mixture.means if hard else 0.0, use_oas=use_oas,
                          reg_covar=reg_covar, min_cluster_size=min_cluster_size)
   n = jnp.maximum(stats.n_samples, 1.0)
   return new, MixtureStats(counts=stats.counts, loglik=stats.loglik / n,
                            class_loglik=stats.class_loglik / n,
                            n_live=jnp.sum(new.weights > 0).astype(jnp.int32), n_failed=n_failed,
-                           n_fallback=stats.n_fallback)
+                           n_fallback=stats.n_fallback), new_cache
 
 
 def _pad_for_chunks(x, mask, chunk_size):
@@ -471,8 +515,9 @@ def kmle_step(mixture: GaussianMixture, x: jax.Array, mask: jax.Array | None = N
     Artola et al., GLAD (WACV 2023), Eq. 1-3 and 9; Nielsen, k-MLE (ICASSP 2012).
   """
   x, mask, cs = _pad_for_chunks(x, mask, chunk_size)
-  return _step(mixture, x, mask, reg_covar, min_cluster_size, basis, hard=True, use_oas=use_oas,
-               chunk_size=cs, n_candidates=n_candidates)
+  new, stats, _ = _step(mixture, x, mask, reg_covar, min_cluster_size, basis, hard=True,
+                        use_oas=use_oas, chunk_size=cs, n_candidates=n_candidates)
+  return new, stats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -627,6 +672,9 @@ def _validate_config(config: KMLEConfig, n: int) -> None:
     value = getattr(config, name)
     if not isinstance(value, (int, np.integer)) or value < 1:
       raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  if config.candidate_cache not in (True, False):
+    raise ValueError(f"candidate_cache must be True or False, got "
+                     f"{config.candidate_cache!r}")
 
 
 def _validate_init(init: GaussianMixture, d: int) -> GaussianMixture:
@@ -674,15 +722,18 @@ def _resize(mixture: GaussianMixture, size: int) -> GaussianMixture:
 
 @functools.lru_cache(maxsize=32)
 def _compiled_step(hard: bool, mesh: Mesh | None, use_oas: bool, chunk_size: int,
-                   n_candidates: int = 16):
-  """``step(mixture, x, mask, reg_covar, min_cluster_size, basis) -> (mixture, MixtureStats)``,
-  jitted once per configuration (and by jit per shape; basis None = dense assignment)."""
+                   n_candidates: int = 16, refresh: bool = False):
+  """``step(mixture, x, mask, reg_covar, min_cluster_size, basis, cache) -> (mixture,
+  MixtureStats, new cache)``, jitted once per configuration (and by jit per shape and per
+  None-ness of basis and cache: see `_hard_assignment`)."""
   return jax.jit(functools.partial(_step, hard=hard, use_oas=use_oas, chunk_size=chunk_size,
-                                   n_candidates=n_candidates, mesh=mesh))
+                                   n_candidates=n_candidates, refresh=refresh, mesh=mesh))
 
 
-def _use_pruning(config: KMLEConfig, hard: bool, d: int, k: int, iteration: int = 2) -> bool:
-  """Whether iteration `iteration` (1-based), with K = k rows, should use the pruned assignment.
+def _use_pruning(config: KMLEConfig, hard: bool, d: int, k: int, iteration: int,
+                 n: int) -> bool:
+  """Whether iteration `iteration` (1-based) of a fit on n samples with K = k rows should use
+  the pruned assignment.
 
   'auto' does not prune the first iteration: all components of `kmle_init` share one covariance,
   so their scores are close and the bounds certify few samples (95 % fallback measured on tire's
@@ -692,7 +743,8 @@ def _use_pruning(config: KMLEConfig, hard: bool, d: int, k: int, iteration: int 
     return False
   if config.assignment == "pruned":
     return True
-  return d >= PRUNE_MIN_DIM and config.bound_rank < d and iteration > 1
+  return (d >= PRUNE_MIN_DIM and config.bound_rank < d and iteration > 1
+          and n * k * expanded_size(d) >= PRUNE_MIN_WORK)
 
 
 def fit_mixture(x: Any, config: KMLEConfig, key: jax.Array, *, hard: bool,
@@ -726,22 +778,36 @@ def fit_mixture(x: Any, config: KMLEConfig, key: jax.Array, *, hard: bool,
     mixture = init.replace(means=init.means - jax.device_get(centre))
   k0 = mixture.n_components
   mixture = sharding.replicate(_resize(mixture, _bucket_size(k0, config.bucket)), mesh)
-  step = _compiled_step(hard, mesh, bool(config.use_oas), cs, int(config.n_candidates))
+  n_cand = int(config.n_candidates)
+  steps = {refresh: _compiled_step(hard, mesh, bool(config.use_oas), cs, n_cand, refresh)
+           for refresh in (False, True)}
   min_size = jnp.float32(config.min_cluster_size)
+  caching = hard and bool(config.candidate_cache)
+  cache = None
+  # Early in a fit the parameters move too much for a cache to last: after a cache that failed
+  # at once, wait 1, 2, 4, ... (at most 16) full iterations before building the next one.
+  cache_wait, backoff, cache_uses = 0, 1, 0
   # The bounds' projection: the data's leading principal axes, fixed for the whole fit.
   basis = None
-  if _use_pruning(config, hard, d, mixture.n_components):
+  if _use_pruning(config, hard, d, mixture.n_components, 2, n):
     basis = sharding.replicate(
         jax.jit(projection_basis, static_argnums=2)(xc, mask, min(int(config.bound_rank), d)),
         mesh)
 
-  logliks, mix_ll, class_ll, lives, pruned, fallbacks = [], [], [], [], [], []
+  logliks, mix_ll, class_ll, lives, modes, fallbacks = [], [], [], [], [], []
   converged = False
   prev = None
   n_live = k0
   for it in range(1, config.max_iter + 1):
-    prune = basis is not None and _use_pruning(config, hard, d, mixture.n_components, it)
-    mixture, stats = step(mixture, xc, mask, reg, min_size, basis if prune else None)
+    prune = (cache is None and basis is not None
+             and _use_pruning(config, hard, d, mixture.n_components, it, n))
+    # The first iteration starts from kmle_init: its parameters move too far for its candidates
+    # to certify anything afterwards.
+    refresh = (caching and cache is None and it > 1 and cache_wait == 0
+               and mixture.n_components > n_cand)
+    mode = "cached" if cache is not None else "pruned" if prune else "dense" if hard else "soft"
+    mixture, stats, new_cache = steps[refresh](mixture, xc, mask, reg, min_size,
+                                               basis if prune else None, cache)
     s = jax.device_get(stats)
     n_live = int(s.n_live)
     mix_ll.append(float(s.loglik))
@@ -749,10 +815,20 @@ def fit_mixture(x: Any, config: KMLEConfig, key: jax.Array, *, hard: bool,
     cur = class_ll[-1] if hard else mix_ll[-1]
     logliks.append(cur)
     lives.append(n_live)
-    pruned.append(prune)
+    modes.append(mode)
     fallbacks.append(int(s.n_fallback))
     if prune and config.assignment == "auto" and fallbacks[-1] > PRUNE_MAX_FALLBACK * n:
       basis = None   # the bounds are too loose on this data: dense is cheaper from here on
+    if refresh:
+      cache, cache_uses = new_cache, 0
+    elif mode == "cached" and fallbacks[-1] > CACHE_MAX_FALLBACK * n:
+      cache = None   # the parameters moved too far: back to full passes
+      cache_wait = backoff if cache_uses == 0 else 0
+      backoff = min(2 * backoff, 16) if cache_uses == 0 else 1
+    elif mode == "cached":
+      cache_uses += 1
+    elif cache_wait > 0:
+      cache_wait -= 1
     if callback is not None:
       callback(it, cur, n_live)
     if n_live == 0:
@@ -768,8 +844,10 @@ def fit_mixture(x: Any, config: KMLEConfig, key: jax.Array, *, hard: bool,
     prev = cur
     target = _bucket_size(n_live, config.bucket)
     if target < mixture.n_components:
-      # Dead rows leave the state: the step recompiles for the smaller bucket only.
+      # Dead rows leave the state: the step recompiles for the smaller bucket only. The cache's
+      # component indices refer to the old rows.
       mixture = sharding.replicate(_resize(mixture, target), mesh)
+      cache = None
 
   final = _resize(mixture, n_live)
   final = final.replace(means=final.means + centre)
@@ -778,7 +856,7 @@ def fit_mixture(x: Any, config: KMLEConfig, key: jax.Array, *, hard: bool,
   info = FitInfo(n_iter=len(logliks), converged=converged, loglik=tuple(logliks),
                  mixture_loglik=tuple(mix_ll), class_loglik=tuple(class_ll),
                  n_live=tuple(lives), objective="classification" if hard else "mixture",
-                 pruned=tuple(pruned), n_fallback=tuple(fallbacks))
+                 assignment=tuple(modes), n_fallback=tuple(fallbacks))
   return final, info
 
 

@@ -40,12 +40,32 @@ exactly scored candidates: a lower bound of the logsumexp over all K, short by a
 log(1 + (K - C) exp(U_(C) - s*)) per certified sample (negligible when certified by a margin of
 tens of nats, which is the typical case).
 
+Candidate cache (drift bounds). Between two iterations the parameters move little, and late in
+a fit hardly at all, so the candidates of a full pass (dense or bounded) stay valid for several
+iterations: a `CandidateCache` keeps each sample's C candidates and an upper bound S of every
+other component's score, both under the parameters theta_0 of that pass. Under the current
+parameters theta, with e = u - mu_k^0, t = c_k^0 - s_k^0(u) = e^T A_k^0 e / 2 >= 0 (c_k the
+log pi_k - (d log 2 pi + log|Sigma_k|) / 2 of s_k, A = Sigma^{-1}), M = L_k^{-1} L_k^0 and
+w = L_k^{-1} (mu_k - mu_k^0), a non-candidate k has
+
+    s_k(u) <= c_k - ||w||^2 / 2 - (1 - rho_k) t + sqrt(2) ||M^T w|| sqrt(t),
+    rho_k = ||M^T M - I||_F,   t >= max(0, c_k^0 - S(u)),
+
+(from e^T A_k e >= (1 - rho_k) e^T A_k^0 e and Cauchy-Schwarz in the frame whitened by L_k^0).
+The right side, maximised over the allowed t, is non-decreasing in S, so it is tabulated once
+per iteration on a grid of S values (`_drift_bounds`). The few components that moved most (small
+clusters change a lot between iterations) are scored for every sample instead, and a sample is
+certified when its best score beats the maximum of the others' bounds at its S. An iteration on
+cached candidates costs the C exact scores per sample, the moved components and a dense pass
+over the few uncertified samples: no K-wide work per sample.
+
 Pure JAX, jittable, no I/O.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +80,13 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # smaller; typical certification gaps are tens of nats.
 _MARGIN_ABS = 1e-2
 _MARGIN_REL = 1e-4
+# Points of the grid of S values the drift envelope is tabulated on (quantiles of S).
+_GRID_POINTS = 1024
+# Components whose parameters moved most since the cache was built are scored for every sample
+# (and left out of the drift envelope): small clusters change a lot from one iteration to the
+# next (tire layer 1 at iteration 30: a median ||M^T M - I|| of 1e-6 but 23 components above
+# 0.3 and 7 above 1, which alone would make the envelope useless).
+_MOVED_COMPONENTS = 32
 
 
 def projection_basis(x: jax.Array, mask: jax.Array, rank: int) -> jax.Array:
@@ -112,45 +139,83 @@ def bound_params(mixture: GaussianMixture, basis: jax.Array
   return split_rows(w, r), b
 
 
-def pair_scores(x: jax.Array, sample: jax.Array, component: jax.Array, mixture: GaussianMixture,
-                prec_chol: jax.Array, log_norm: jax.Array) -> jax.Array:
-  """s_k(u) = log pi_k + log N(u; mu_k, Sigma_k) of (sample, component) pairs, direct form.
+class PairLayout(NamedTuple):
+  """(sample, component) pairs grouped by component in tiles, ready for `pair_scores`.
 
-  Pairs are grouped by component in tiles of T (`tiles.tile_layout`), and each tile is one
-  (T, d) x (d, d) product with its component's precision factor.
+  Attributes:
+    rows: int32 array of shape (n_groups, G, T), the sample row of each tile slot (the number of
+      rows of x on padding slots: they read zeros and are never looked at).
+    owner: int32 array of shape (n_groups, G), the component of each tile.
+    dest: int32 array of shape (P,), slot of pair order[j] in the flat tiles (past the end for a
+      skipped pair).
+    order: int32 array of shape (P,), the pairs sorted by component.
+  """
+
+  rows: jax.Array
+  owner: jax.Array
+  dest: jax.Array
+  order: jax.Array
+
+
+def pair_layout(sample: jax.Array, component: jax.Array, n_components: int, n_rows: int,
+                dim: int) -> PairLayout:
+  """Groups (sample, component) pairs by component, in tiles of T pairs (`tiles.tile_layout`).
+
+  Args:
+    sample: int32 array of shape (P,), row of x of each pair.
+    component: int32 array of shape (P,), component of each pair; n_components marks a pair to
+      skip.
+    n_components: K.
+    n_rows: rows of x (the padding slots point there).
+    dim: d (sets how many tiles one scan step of `pair_scores` reads: ~64 MiB of factors).
+  """
+  n_pairs = sample.shape[0]
+  k = n_components
+  tile = int(min(128, max(8, 2 ** int(math.log2(max(1, n_pairs // (4 * k)))))))
+  group = max(1, min(-(-n_pairs // tile) + k, (64 << 20) // (4 * dim * max(dim, tile))))
+  layout = tile_layout(component, k, tile, multiple=group)
+  rows = jnp.full((layout.n_tiles * tile,), n_rows, jnp.int32).at[layout.dest].set(
+      sample[layout.order], mode="drop", unique_indices=True)
+  n_groups = layout.n_tiles // group
+  return PairLayout(rows=rows.reshape(n_groups, group, tile),
+                    owner=jnp.minimum(layout.owner, k - 1).reshape(n_groups, group),
+                    dest=layout.dest, order=layout.order)
+
+
+def pair_scores(x: jax.Array, layout: PairLayout, mixture: GaussianMixture,
+                prec_chol: jax.Array, log_norm: jax.Array) -> jax.Array:
+  """s_k(u) = log pi_k + log N(u; mu_k, Sigma_k) of the pairs of `layout`, direct form.
+
+  Each tile is one (T, d) x (d, d) product with its component's precision factor, which is read
+  once per tile.
 
   Args:
     x: array of shape (N, d).
-    sample: int32 array of shape (P,), row of x of each pair.
-    component: int32 array of shape (P,), component of each pair; K marks a pair to skip.
+    layout: from `pair_layout`.
     mixture: the K components (only the means are read here).
     prec_chol: array of shape (K, d, d), P_k = L_k^{-T}.
-    log_norm: array of shape (K,), log pi_k - (d log 2 pi + log|Sigma_k|) / 2.
+    log_norm: array of shape (K,), log pi_k - (d log 2 pi + log|Sigma_k|) / 2 (`log_norms`).
 
   Returns:
     array of shape (P,), -inf on skipped pairs.
   """
-  n_pairs = sample.shape[0]
-  k, d = mixture.means.shape
-  tile = int(min(128, max(8, 2 ** int(math.log2(max(1, n_pairs // (4 * k)))))))
-  group = max(1, min(-(-n_pairs // tile) + k, (64 << 20) // (4 * d * max(d, tile))))
-  layout = tile_layout(component, k, tile, multiple=group)
-  n_rows = x.shape[0]
-  rows = jnp.full((layout.n_tiles * tile,), n_rows, jnp.int32).at[layout.dest].set(
-      sample[layout.order], mode="drop", unique_indices=True)
-  owner = jnp.minimum(layout.owner, k - 1)           # unused tiles: any component, masked below
-  n_groups = layout.n_tiles // group
-
   def body(_, inputs):
     r, o = inputs                                    # (G, T) rows, (G,) components
     e = x.at[r].get(mode="fill", fill_value=0.0) - mixture.means[o][:, None, :]
     y = jnp.einsum("gtd,gde->gte", e, prec_chol[o], precision=_HIGHEST)
     return None, log_norm[o][:, None] - 0.5 * jnp.sum(jnp.square(y), axis=-1)
 
-  _, scores = jax.lax.scan(body, None, (rows.reshape(n_groups, group, tile),
-                                        owner.reshape(n_groups, group)))
+  _, scores = jax.lax.scan(body, None, (layout.rows, layout.owner))
   flat = scores.reshape(-1).at[layout.dest].get(mode="fill", fill_value=-jnp.inf)
+  n_pairs = layout.order.shape[0]
   return jnp.full((n_pairs,), -jnp.inf, x.dtype).at[layout.order].set(flat)
+
+
+def log_norms(mixture: GaussianMixture) -> jax.Array:
+  """c_k = log pi_k - (d log 2 pi + log|Sigma_k|) / 2, shape (K,); -inf for masked components."""
+  live = mixture.weights > 0
+  log_w = jnp.where(live, jnp.log(jnp.where(live, mixture.weights, 1.0)), -jnp.inf)
+  return log_w - 0.5 * (mixture.dim * math.log(2.0 * math.pi) + cholesky_log_det(mixture.cov_chol))
 
 
 def _accurate_sum(v: jax.Array) -> jax.Array:
@@ -170,66 +235,105 @@ def _accurate_sum(v: jax.Array) -> jax.Array:
   return total
 
 
-def pruned_assignment_pass(mixture: GaussianMixture, basis: jax.Array, x: jax.Array,
-                           mask: jax.Array, *, chunk_size: int, n_candidates: int
-                           ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """The assignment step, Eq. 1, exact, with candidate pruning (see the module docstring).
+class CandidateCache(NamedTuple):
+  """Candidates of every sample from a full pass, reusable in later iterations (module docstring).
 
-  Same contract as `kmle.assignment_pass` (labels and log-likelihood sums), plus the number of
-  samples the certificate did not cover (assigned by the dense pass).
+  Attributes:
+    candidates: int32 array of shape (N, C), each sample's candidates (K: none).
+    layout: their `PairLayout`, built once.
+    level: int32 array of shape (N,), index of the smallest grid value >= the sample's S, the
+      bound of every non-candidate's score under `reference`.
+    grid: array of shape (G,), ascending quantiles of S over the samples (-inf: none).
+    reference: the mixture theta_0 of the full pass.
+    reference_log_norm: its `log_norms`.
+  """
+
+  candidates: jax.Array
+  layout: PairLayout
+  level: jax.Array
+  grid: jax.Array
+  reference: GaussianMixture
+  reference_log_norm: jax.Array
+
+
+def cache_partition_specs(axis: str) -> CandidateCache:
+  """Partition specs of a `CandidateCache` on a 1-D data mesh: per-sample parts split by rows
+  (each device keeps the cache of its own samples and its own grid), the reference replicated."""
+  rows, rep = jax.sharding.PartitionSpec(axis), jax.sharding.PartitionSpec()
+  return CandidateCache(candidates=rows, layout=PairLayout(rows, rows, rows, rows), level=rows,
+                        grid=rows, reference=GaussianMixture(rep, rep, rep),
+                        reference_log_norm=rep)
+
+
+def make_cache(mixture: GaussianMixture, x: jax.Array, mask: jax.Array, candidates: jax.Array,
+               others_bound: jax.Array, layout: PairLayout | None = None) -> CandidateCache:
+  """A `CandidateCache` from the candidates of a full pass under `mixture`.
 
   Args:
-    mixture: the current mixture (K rows, masked rows allowed), K > n_candidates.
-    basis: array of shape (d, r), the projection of the bounds.
-    x: array of shape (N, d), N a multiple of chunk_size (or N <= chunk_size).
-    mask: bool array of shape (N,), False on padding rows.
-    chunk_size: rows per chunk of the bound pass and of the dense fallback.
-    n_candidates: C, the components scored exactly per sample (static).
-
-  Returns:
-    z: int32 array of shape (N,), the component of each sample; K on padding rows.
-    loglik: shape (), sum over valid rows of the logsumexp of the scored candidates' s_k.
-    class_loglik: shape (), sum over valid rows of max_k s_k.
-    n_fallback: int32 shape (), valid rows assigned by the dense pass.
+    mixture: the mixture of the pass (theta_0).
+    x: array of shape (N, d).
+    mask: bool array of shape (N,).
+    candidates: int32 array of shape (N, C); K marks an unused slot.
+    others_bound: array of shape (N,), an upper bound of s_k(u) under `mixture` for every k that
+      is not a candidate of u (-inf if none).
+    layout: the candidates' `pair_layout`, if already built.
   """
-  n, d = x.shape
-  k = mixture.n_components
-  c = int(n_candidates)
-  cs = min(chunk_size, n)
-  w_bound, b_bound = bound_params(mixture, basis)
+  n, c = candidates.shape
+  k, d = mixture.means.shape
+  if layout is None:
+    sample = jnp.repeat(jnp.arange(n, dtype=jnp.int32), c)
+    layout = pair_layout(sample, candidates.reshape(-1), k, n, d)
+  bound = jnp.where(mask, others_bound, -jnp.inf)
+  ordered = jnp.sort(bound)
+  grid = ordered[jnp.round(jnp.linspace(0.0, n - 1.0, _GRID_POINTS)).astype(jnp.int32)]
+  level = jnp.minimum(jnp.searchsorted(grid, bound, side="left"), _GRID_POINTS - 1)
+  return CandidateCache(candidates=candidates, layout=layout, level=level.astype(jnp.int32),
+                        grid=grid, reference=mixture, reference_log_norm=log_norms(mixture))
 
-  def bounds(_, xb):
-    u = log_joint(jnp.dot(xb, basis, precision=_HIGHEST), w_bound, b_bound)   # (cs, K) >= s_k
-    values, index = jax.lax.top_k(u, c)
-    # The C-th largest bound bounds every non-candidate. It is read as a min, not a slice: a
-    # slice of top_k's outputs makes XLA:CPU lower the top_k as a full sort of the K columns
-    # (measured 30x slower at K = 1024).
-    return None, (index.astype(jnp.int32), values > -jnp.inf, jnp.min(values, axis=1))
 
-  _, (cand, cand_ok, threshold) = jax.lax.scan(bounds, None, x.reshape(n // cs, cs, d))
-  cand, cand_ok = cand.reshape(n, c), cand_ok.reshape(n, c) & mask[:, None]
-  threshold = threshold.reshape(n)
-
-  prec_chol = precision_cholesky(mixture.cov_chol)
+def _drift_bounds(cache: CandidateCache, mixture: GaussianMixture,
+                  log_norm: jax.Array) -> jax.Array:
+  """The drift bound of the module docstring of every component at every grid value S: an upper
+  bound of s_k(u) under `mixture` for a non-candidate k of a sample whose S is that grid value;
+  shape (G, K), +inf where it does not exist (rho_k >= 1), -inf for masked components."""
+  ref = cache.reference
+  solve = lambda b: jax.scipy.linalg.solve_triangular(mixture.cov_chol, b, lower=True)  # noqa: E731
+  m = solve(ref.cov_chol)                                             # L^{-1} L0, (K, d, d)
+  eye = jnp.eye(mixture.dim, dtype=m.dtype)
+  gram = jnp.einsum("kji,kjl->kil", m, m, precision=_HIGHEST)
+  rho = jnp.sqrt(jnp.sum(jnp.square(gram - eye), axis=(-2, -1)))     # >= ||M^T M - I||_2
+  w = solve((mixture.means - ref.means)[..., None])[..., 0]           # L^{-1} (mu - mu0)
+  beta = math.sqrt(2.0) * jnp.linalg.norm(jnp.einsum("kji,kj->ki", m, w, precision=_HIGHEST),
+                                          axis=-1)
+  gamma = 0.5 * jnp.sum(jnp.square(w), axis=-1)
+  slope = 1.0 - rho
+  t_star = jnp.square(beta / (2.0 * jnp.maximum(slope, 1e-30)))
+  t = jnp.maximum(jnp.maximum(cache.reference_log_norm[None, :] - cache.grid[:, None],
+                              t_star[None, :]), 0.0)                 # (G, K)
+  g = log_norm - gamma - slope * t + beta * jnp.sqrt(t)
   live = mixture.weights > 0
-  log_norm = jnp.where(live, jnp.log(jnp.where(live, mixture.weights, 1.0)), -jnp.inf) - 0.5 * (
-      d * math.log(2.0 * math.pi) + cholesky_log_det(mixture.cov_chol))
-  sample = jnp.repeat(jnp.arange(n, dtype=jnp.int32), c)
-  scores = pair_scores(x, sample, jnp.where(cand_ok, cand, k).reshape(-1), mixture, prec_chol,
-                       log_norm).reshape(n, c)
-  best = jnp.max(scores, axis=1)
-  z = jnp.take_along_axis(cand, jnp.argmax(scores, axis=1)[:, None], axis=1)[:, 0]
-  lse = jax.nn.logsumexp(scores, axis=1)
-  certified = threshold < best - (_MARGIN_ABS + _MARGIN_REL * jnp.abs(best))
-  todo = mask & ~certified
+  g = jnp.where(live, jnp.where(slope > 0, g, jnp.inf), -jnp.inf)
+  return jnp.where(jnp.isfinite(cache.grid)[:, None], g, -jnp.inf)   # no non-candidate at all
+
+
+def _most_moved(bounds: jax.Array, grid: jax.Array, n_moved: int) -> jax.Array:
+  """The `n_moved` components whose drift bound rises most above the grid value S, int32 (E,)."""
+  rise = jnp.where(jnp.isfinite(grid)[:, None], bounds - grid[:, None], -jnp.inf)
+  return jax.lax.top_k(jnp.max(rise, axis=0), n_moved)[1].astype(jnp.int32)
+
+
+def _dense_fallback(mixture: GaussianMixture, x: jax.Array, todo: jax.Array, z: jax.Array,
+                    best: jax.Array, lse: jax.Array, chunk_size: int):
+  """Dense scores (all K) of the rows where `todo`, in chunks; updates z, best, lse there."""
+  n, d = x.shape
+  cs = chunk_size
   n_todo = jnp.sum(todo.astype(jnp.int32))
 
-  def dense_fallback(state):
+  def redo(state):
     z, best, lse = state
     w, b = log_joint_params(mixture)
     w_pieces = split_rows(w, d)
-    rows = jnp.argsort(~todo, stable=True).astype(jnp.int32)   # rows to redo first
-    rows = jnp.pad(rows, (0, cs))
+    rows = jnp.pad(jnp.argsort(~todo, stable=True).astype(jnp.int32), (0, cs))  # todo first
 
     def body(carry):
       i, z, best, lse = carry
@@ -245,8 +349,150 @@ def pruned_assignment_pass(mixture: GaussianMixture, basis: jax.Array, x: jax.Ar
                                          (jnp.int32(0), z, best, lse))
     return z, best, lse
 
-  z, best, lse = jax.lax.cond(n_todo > 0, dense_fallback, lambda state: state, (z, best, lse))
+  z, best, lse = jax.lax.cond(n_todo > 0, redo, lambda state: state, (z, best, lse))
+  return z, best, lse, n_todo
+
+
+def _candidate_scores(x, layout, candidates, mixture, log_norm):
+  """Best candidate (z, s*, logsumexp over the candidates) from the exact pair scores."""
+  n, c = candidates.shape
+  scores = pair_scores(x, layout, mixture, precision_cholesky(mixture.cov_chol),
+                       log_norm).reshape(n, c)
+  best = jnp.max(scores, axis=1)
+  z = jnp.take_along_axis(candidates, jnp.argmax(scores, axis=1)[:, None], axis=1)[:, 0]
+  return z, best, jax.nn.logsumexp(scores, axis=1)
+
+
+def _certified(best: jax.Array, others: jax.Array) -> jax.Array:
+  return others < best - (_MARGIN_ABS + _MARGIN_REL * jnp.abs(best))
+
+
+def _finish(mixture, x, mask, z, best, lse, todo, chunk_size):
+  z, best, lse, n_todo = _dense_fallback(mixture, x, mask & todo, z, best, lse, chunk_size)
+  z = jnp.where(mask, z, mixture.n_components).astype(jnp.int32)
+  return (z, _accurate_sum(jnp.where(mask, lse, 0.0)), _accurate_sum(jnp.where(mask, best, 0.0)),
+          n_todo)
+
+
+class Assignment(NamedTuple):
+  """Result of an assignment pass (Eq. 1) over one device's samples.
+
+  Attributes:
+    labels: int32 array of shape (N,), the component of each sample; K on padding rows.
+    loglik: shape (), sum over valid rows of the logsumexp of the scored components' s_k (all K
+      for dense rows, the candidates for certified ones).
+    class_loglik: shape (), sum over valid rows of max_k s_k.
+    n_fallback: int32 shape (), valid rows that needed the dense pass.
+    cache: the `CandidateCache` of this pass when asked for, else None.
+  """
+
+  labels: jax.Array
+  loglik: jax.Array
+  class_loglik: jax.Array
+  n_fallback: jax.Array
+  cache: CandidateCache | None
+
+
+def pruned_assignment_pass(mixture: GaussianMixture, basis: jax.Array, x: jax.Array,
+                           mask: jax.Array, *, chunk_size: int, n_candidates: int,
+                           with_cache: bool = False) -> Assignment:
+  """The assignment step, Eq. 1, exact, with candidates from projected bounds (module docstring).
+
+  Args:
+    mixture: the current mixture (K rows, masked rows allowed), K >= n_candidates.
+    basis: array of shape (d, r), the projection of the bounds.
+    x: array of shape (N, d), N a multiple of chunk_size (or N <= chunk_size).
+    mask: bool array of shape (N,), False on padding rows.
+    chunk_size: rows per chunk of the bound pass and of the dense fallback.
+    n_candidates: C, the components scored exactly per sample (static).
+    with_cache: also return the `CandidateCache` of the pass (static).
+  """
+  n, d = x.shape
+  k = mixture.n_components
+  c = int(n_candidates)
+  cs = min(chunk_size, n)
+  w_bound, b_bound = bound_params(mixture, basis)
+
+  def bounds(_, xb):
+    u = log_joint(jnp.dot(xb, basis, precision=_HIGHEST), w_bound, b_bound)   # (cs, K) >= s_k
+    values, index = jax.lax.top_k(u, c)
+    # The C-th largest bound bounds every non-candidate. It is read as a min, not a slice: a
+    # slice of top_k's outputs makes XLA:CPU lower the top_k as a full sort of the K columns
+    # (measured 30x slower at K = 1024).
+    return None, (index.astype(jnp.int32), values > -jnp.inf, jnp.min(values, axis=1))
+
+  _, (cand, cand_ok, others) = jax.lax.scan(bounds, None, x.reshape(n // cs, cs, d))
+  cand = jnp.where(cand_ok.reshape(n, c) & mask[:, None], cand.reshape(n, c), k)
+  others = others.reshape(n)
+  layout = pair_layout(jnp.repeat(jnp.arange(n, dtype=jnp.int32), c), cand.reshape(-1), k, n, d)
+  z, best, lse = _candidate_scores(x, layout, cand, mixture, log_norms(mixture))
+  cache = None
+  if with_cache:
+    cache = make_cache(mixture, x, mask, cand, others, layout)
+  return Assignment(*_finish(mixture, x, mask, z, best, lse, ~_certified(best, others), cs),
+                    cache)
+
+
+def dense_candidates_pass(mixture: GaussianMixture, x: jax.Array, mask: jax.Array, *,
+                          chunk_size: int, n_candidates: int) -> Assignment:
+  """The dense assignment step (all K scores of every sample) that also keeps each sample's C
+  best components as a `CandidateCache` (the C-th best score bounds the others)."""
+  n, d = x.shape
+  k = mixture.n_components
+  c = int(n_candidates)
+  cs = min(chunk_size, n)
+  w, b = log_joint_params(mixture)
+  w_pieces = split_rows(w, d)
+
+  def body(_, xb):
+    lj = log_joint(xb, w_pieces, b)
+    values, index = jax.lax.top_k(lj, c)
+    # min, not a slice of top_k's outputs: see `pruned_assignment_pass`.
+    return None, (jnp.argmax(lj, axis=1).astype(jnp.int32), jnp.max(lj, axis=1),
+                  jax.nn.logsumexp(lj, axis=1), index.astype(jnp.int32), values > -jnp.inf,
+                  jnp.min(values, axis=1))
+
+  _, (z, best, lse, cand, cand_ok, others) = jax.lax.scan(body, None, x.reshape(n // cs, cs, d))
+  cand = jnp.where(cand_ok.reshape(n, c) & mask[:, None], cand.reshape(n, c), k)
+  z, best, lse = z.reshape(n), best.reshape(n), lse.reshape(n)
+  cache = make_cache(mixture, x, mask, cand, others.reshape(n))
   z = jnp.where(mask, z, k).astype(jnp.int32)
-  loglik = _accurate_sum(jnp.where(mask, lse, 0.0))
-  class_loglik = _accurate_sum(jnp.where(mask, best, 0.0))
-  return z, loglik, class_loglik, n_todo
+  return Assignment(z, _accurate_sum(jnp.where(mask, lse, 0.0)),
+                    _accurate_sum(jnp.where(mask, best, 0.0)), jnp.zeros((), jnp.int32), cache)
+
+
+def cached_assignment_pass(mixture: GaussianMixture, cache: CandidateCache, x: jax.Array,
+                           mask: jax.Array, *, chunk_size: int) -> Assignment:
+  """The assignment step, Eq. 1, exact, on the candidates of an earlier pass (module docstring).
+
+  Args:
+    mixture: the current mixture, with the rows of `cache.reference` (same K, same order).
+    cache: from an earlier full pass over the same samples.
+    x: array of shape (N, d).
+    mask: bool array of shape (N,).
+    chunk_size: rows per chunk of the dense fallback.
+  """
+  n, d = x.shape
+  k = mixture.n_components
+  cs = min(chunk_size, n)
+  log_norm = log_norms(mixture)
+  z, best, lse = _candidate_scores(x, cache.layout, cache.candidates, mixture, log_norm)
+  bounds = _drift_bounds(cache, mixture, log_norm)
+  moved = _most_moved(bounds, cache.grid, min(_MOVED_COMPONENTS, k))
+  others = jnp.max(bounds.at[:, moved].set(-jnp.inf), axis=1)[cache.level]
+  # The moved components, scored for every sample (those already among its candidates are
+  # left out of the logsumexp: counted once).
+  w, b = log_joint_params(mixture)
+  w_moved = split_rows(w[:, moved], d)
+
+  def body(_, xb):
+    return None, log_joint(xb, w_moved, b[moved])
+
+  _, extra = jax.lax.scan(body, None, x.reshape(n // cs, cs, d))
+  extra = extra.reshape(n, -1)
+  z = jnp.where(jnp.max(extra, axis=1) > best, moved[jnp.argmax(extra, axis=1)], z)
+  best = jnp.maximum(best, jnp.max(extra, axis=1))
+  seen = jnp.any(cache.candidates[:, :, None] == moved[None, None, :], axis=1)
+  lse = jnp.logaddexp(lse, jax.nn.logsumexp(jnp.where(seen, -jnp.inf, extra), axis=1))
+  return Assignment(*_finish(mixture, x, mask, z, best, lse, ~_certified(best, others), cs),
+                    None)
