@@ -513,6 +513,25 @@ def _prepare(arr, name: str, batched: bool) -> np.ndarray:
   return x
 
 
+def _checked_reference(reference, settings: AlignSettings) -> tuple[np.ndarray, AlignSettings]:
+  """The reference as float32 luma (H, W), and `settings` validated against it, with
+  n_scales resolved (`auto_n_scales` when 0)."""
+  if settings.robust not in ROBUST_FUNCTIONS:
+    raise ValueError(f"unknown robust function {settings.robust!r}; expected one of "
+                     f"{ROBUST_FUNCTIONS}")
+  if settings.n_iter < 1:
+    raise ValueError(f"n_iter must be >= 1, got {settings.n_iter}")
+  ref = _prepare(reference, "reference", batched=False)
+  n_scales = settings.n_scales or auto_n_scales(ref.shape)
+  if n_scales < 1 or min(ref.shape) >> (n_scales - 1) < 8:
+    raise ValueError(f"n_scales={n_scales} is too many for {ref.shape[0]}x{ref.shape[1]} images "
+                     f"(the coarsest level must keep >= 8 pixels a side)")
+  if not 0 <= settings.first_scale < n_scales:
+    raise ValueError(f"first_scale must be in [0, n_scales={n_scales}), got "
+                     f"{settings.first_scale}")
+  return ref, dataclasses.replace(settings, n_scales=n_scales)
+
+
 def estimate_motion(reference, images, model: str, *, init=None,
                     settings: AlignSettings = AlignSettings(), batch_size: int = 16) -> jax.Array:
   """Estimates the motion aligning each image on the reference (robust inverse compositional).
@@ -536,26 +555,14 @@ def estimate_motion(reference, images, model: str, *, init=None,
     Briand, Facciolo, Sanchez, IPOL 2018; Baker & Matthews, IJCV 2004 (inverse compositional).
   """
   _check_model(model)
-  if settings.robust not in ROBUST_FUNCTIONS:
-    raise ValueError(f"unknown robust function {settings.robust!r}; expected one of "
-                     f"{ROBUST_FUNCTIONS}")
-  if settings.n_iter < 1:
-    raise ValueError(f"n_iter must be >= 1, got {settings.n_iter}")
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  ref = _prepare(reference, "reference", batched=False)
+  ref, st = _checked_reference(reference, settings)
   imgs = _prepare(images, "images", batched=True)
   if imgs.shape[1:] != ref.shape:
     raise ValueError(f"images are {imgs.shape[1]}x{imgs.shape[2]} (HxW) but the reference is "
                      f"{ref.shape[0]}x{ref.shape[1]}: resize them to one size first")
-  n_scales = settings.n_scales or auto_n_scales(ref.shape)
-  if n_scales < 1 or min(ref.shape) >> (n_scales - 1) < 8:
-    raise ValueError(f"n_scales={n_scales} is too many for {ref.shape[0]}x{ref.shape[1]} images "
-                     f"(the coarsest level must keep >= 8 pixels a side)")
-  if not 0 <= settings.first_scale < n_scales:
-    raise ValueError(f"first_scale must be in [0, n_scales={n_scales}), got "
-                     f"{settings.first_scale}")
-  st = dataclasses.replace(settings, n_scales=n_scales)
+  n_scales = st.n_scales
   b, p = imgs.shape[0], n_params(model)
   init = np.zeros((b, p), np.float32) if init is None else np.asarray(init, np.float32)
   if init.shape != (b, p):
@@ -673,16 +680,8 @@ class Aligner:
 
   def __init__(self, reference, model: str, settings: AlignSettings = AlignSettings()):
     _check_model(model)
-    if settings.robust not in ROBUST_FUNCTIONS:
-      raise ValueError(f"unknown robust function {settings.robust!r}; expected one of "
-                       f"{ROBUST_FUNCTIONS}")
-    ref = _prepare(reference, "reference", batched=False)
-    n_scales = settings.n_scales or auto_n_scales(ref.shape)
-    if n_scales < 1 or min(ref.shape) >> (n_scales - 1) < 8:
-      raise ValueError(f"n_scales={n_scales} is too many for {ref.shape[0]}x{ref.shape[1]} "
-                       f"images (the coarsest level must keep >= 8 pixels a side)")
+    ref, self.settings = _checked_reference(reference, settings)
     self.model = model
-    self.settings = dataclasses.replace(settings, n_scales=n_scales)
     self.shape = ref.shape
     self._reference = jnp.asarray(ref)
     self._basis = jnp.asarray(_model_basis(model))

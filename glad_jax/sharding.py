@@ -116,15 +116,8 @@ def data_parallel_sum(fn: Callable[[Any, jax.Array, jax.Array], Any], mesh: Mesh
   """
   if mesh is None:
     return fn
-  axis = _axis(mesh)
-
-  def local(params, x, mask):
-    return jax.lax.psum(fn(params, x, mask), axis)
-
-  # check_vma=False: `fn` is ordinary single-device code (e.g. a scan whose carry starts as a
-  # constant), not written with varying-axis annotations; the psum makes the output replicated.
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axis), P(axis)), out_specs=P(),
-                       check_vma=False)
+  with_state = data_parallel(lambda params, x, mask, _: (fn(params, x, mask), None), mesh)
+  return lambda params, x, mask: with_state(params, x, mask, None)[0]
 
 
 def data_parallel(fn: Callable[[Any, jax.Array, jax.Array, Any], tuple[Any, Any]],
@@ -153,5 +146,7 @@ def data_parallel(fn: Callable[[Any, jax.Array, jax.Array, Any], tuple[Any, Any]
     return jax.lax.psum(sums, axis), new_state
 
   spec = lambda s: P() if s is None else s  # noqa: E731  (a spec for an empty state)
+  # check_vma=False: `fn` is ordinary single-device code (e.g. a scan whose carry starts as a
+  # constant), not written with varying-axis annotations; the psum makes the sums replicated.
   return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axis), P(axis), spec(state_in)),
                        out_specs=(P(), spec(state_out)), check_vma=False)
