@@ -522,14 +522,19 @@ def _checked_reference(reference, settings: AlignSettings) -> tuple[np.ndarray, 
   if settings.n_iter < 1:
     raise ValueError(f"n_iter must be >= 1, got {settings.n_iter}")
   ref = _prepare(reference, "reference", batched=False)
-  n_scales = settings.n_scales or auto_n_scales(ref.shape)
-  if n_scales < 1 or min(ref.shape) >> (n_scales - 1) < 8:
-    raise ValueError(f"n_scales={n_scales} is too many for {ref.shape[0]}x{ref.shape[1]} images "
+  return ref, _resolved_settings(ref.shape, settings)
+
+
+def _resolved_settings(shape: tuple[int, int], settings: AlignSettings) -> AlignSettings:
+  """`settings` checked against an (H, W) image shape, n_scales resolved (static work only)."""
+  n_scales = settings.n_scales or auto_n_scales(shape)
+  if n_scales < 1 or min(shape) >> (n_scales - 1) < 8:
+    raise ValueError(f"n_scales={n_scales} is too many for {shape[0]}x{shape[1]} images "
                      f"(the coarsest level must keep >= 8 pixels a side)")
   if not 0 <= settings.first_scale < n_scales:
     raise ValueError(f"first_scale must be in [0, n_scales={n_scales}), got "
                      f"{settings.first_scale}")
-  return ref, dataclasses.replace(settings, n_scales=n_scales)
+  return dataclasses.replace(settings, n_scales=n_scales)
 
 
 def estimate_motion(reference, images, model: str, *, init=None,
@@ -662,16 +667,65 @@ def warp(images, params, model: str, *, order: int = 3, mode: str = "edge",
   return out.astype(dtype)
 
 
+def _luma(x: jax.Array) -> jax.Array:
+  """(..., H, W, C) float32, C in {1, 3, 4} -> (..., H, W) luma (ITU-R 601), as `_prepare` does."""
+  return x[..., 0] if x.shape[-1] == 1 else x[..., :3] @ jnp.float32([0.299, 0.587, 0.114])
+
+
+def align_to_reference(reference: jax.Array, images: jax.Array, model: str,
+                       settings: AlignSettings = AlignSettings()) -> tuple[jax.Array, jax.Array]:
+  """Aligns uint8 images on a (traced or concrete) uint8 reference: pure and jittable.
+
+  The one alignment path of glad_jax: `Aligner`, `GLAD.fit` / `GLAD.score` and the protocols all
+  run it (the reference may be an array field of a model state, traced under ``jax.jit``). Same
+  algorithm as `estimate_motion` + `warp`; the motions stay 3x3 float32 matrices instead of going
+  through the model's parameters in float64, so aligned pixels can differ from `align`'s by one
+  grey level at most.
+
+  Args:
+    reference: uint8 array of shape (H, W, C), C in {1, 3}.
+    images: uint8 array of shape (B, H, W, C).
+    model: motion model (static).
+    settings: `AlignSettings` (static); n_scales=None picks `auto_n_scales` of (H, W).
+
+  Returns:
+    (aligned uint8 images (B, H, W, C), motions (B, 3, 3)): ``aligned(x) = image(M x)`` in
+    pixel-centred coordinates.
+  """
+  _check_model(model)
+  st = _resolved_settings(tuple(reference.shape[:2]), settings)
+  ref = _luma(jnp.asarray(reference).astype(jnp.float32))
+  x = images.astype(jnp.float32)
+  eye = jnp.broadcast_to(jnp.eye(3, dtype=jnp.float32), (x.shape[0], 3, 3))
+  s = max(ref.shape) / 2.0
+  to_pixels = jnp.asarray(np.diag([s, s, 1.0]), jnp.float32)
+  to_normalised = jnp.asarray(np.diag([1 / s, 1 / s, 1.0]), jnp.float32)
+  m = _estimate(ref, _luma(x), eye, jnp.asarray(_model_basis(model)),
+                jnp.asarray(model == "euclidean"), n_scales=st.n_scales, st=st)
+  motions = to_pixels @ m @ to_normalised
+  out = _warp_batch(x, motions, jnp.float32(0.0), order=3, mode="edge")
+  return jnp.clip(jnp.round(out), 0, 255).astype(images.dtype), motions
+
+
+def unwarp_maps(maps: jax.Array, motions: jax.Array) -> jax.Array:
+  """Maps (B, H, W) in the reference frame -> the frames of the input images (bilinear, border
+  replicated): ``out(y) = map(M^{-1} y)``, with the motions of `align_to_reference`."""
+  out = _warp_batch(maps[..., None], _inv3(motions), jnp.float32(0.0), order=1, mode="edge")
+  return out[..., 0]
+
+
+def warp_masks(masks: jax.Array, motions: jax.Array) -> jax.Array:
+  """Bool masks (B, H, W) warped like their images by `align_to_reference`'s motions (nearest
+  neighbour, False outside the image): ground truth in the reference frame."""
+  out = _warp_batch(jnp.asarray(masks, jnp.float32)[..., None], motions, jnp.float32(0.0),
+                    order=0, mode="constant")
+  return out[..., 0] > 0.5
+
+
 class Aligner:
   """Alignment on one fixed reference as a pure, jittable function of a uint8 batch.
 
-  `align` and `estimate_motion` validate and convert on the host, then run the jitted cores;
-  this does the host work once, for the reference, so that the whole of
-  ``images -> aligned images -> ...`` can be composed under one ``jax.jit`` (e.g. the fused scoring
-  function of `glad_jax.model`). Same algorithm and settings as `estimate_motion` + `warp`; the
-  motions stay 3x3 matrices in float32 instead of going through the model's parameters in
-  float64, so aligned pixels can differ from `align`'s by rounding (one gray level at most in
-  practice).
+  Validates the reference and settings once on the host, then runs `align_to_reference`.
 
       aligner = Aligner(reference, "similarity")
       aligned, motions = jax.jit(aligner)(images)       # uint8 (B, H, W, C) -> same, (B, 3, 3)
@@ -683,30 +737,21 @@ class Aligner:
     ref, self.settings = _checked_reference(reference, settings)
     self.model = model
     self.shape = ref.shape
-    self._reference = jnp.asarray(ref)
-    self._basis = jnp.asarray(_model_basis(model))
-    self._euclidean = jnp.asarray(model == "euclidean")
-    s = max(ref.shape) / 2.0
-    self._to_pixels = jnp.asarray(np.diag([s, s, 1.0]), jnp.float32)
-    self._to_normalised = jnp.asarray(np.diag([1 / s, 1 / s, 1.0]), jnp.float32)
+    self.reference = jnp.asarray(np.asarray(reference))
+    if self.reference.ndim == 2:
+      self.reference = self.reference[..., None]
 
   def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """uint8 images (B, H, W, C), C in {1, 3} -> (aligned uint8 images, motions (B, 3, 3)):
-    ``aligned(x) = image(M x)`` in pixel-centred coordinates."""
-    x = images.astype(jnp.float32)
-    luma = x[..., 0] if x.shape[-1] == 1 else x[..., :3] @ jnp.float32([0.299, 0.587, 0.114])
-    eye = jnp.broadcast_to(jnp.eye(3, dtype=jnp.float32), (x.shape[0], 3, 3))
-    m = _estimate(self._reference, luma, eye, self._basis, self._euclidean,
-                  n_scales=self.settings.n_scales, st=self.settings)
-    motions = self._to_pixels @ m @ self._to_normalised
-    out = _warp_batch(x, motions, jnp.float32(0.0), order=3, mode="edge")
-    return jnp.clip(jnp.round(out), 0, 255).astype(images.dtype), motions
+    """uint8 images (B, H, W, C), C in {1, 3} -> (aligned uint8 images, motions (B, 3, 3))."""
+    return align_to_reference(self.reference, images, self.model, self.settings)
 
   def unwarp(self, maps: jax.Array, motions: jax.Array) -> jax.Array:
-    """Maps (B, H, W) in the reference frame -> the frames of the input images (bilinear,
-    border replicated): ``out(y) = map(M^{-1} y)``."""
-    out = _warp_batch(maps[..., None], _inv3(motions), jnp.float32(0.0), order=1, mode="edge")
-    return out[..., 0]
+    """See `unwarp_maps`."""
+    return unwarp_maps(maps, motions)
+
+  def warp_masks(self, masks: jax.Array, motions: jax.Array) -> jax.Array:
+    """See `warp_masks`."""
+    return warp_masks(masks, motions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -764,6 +809,7 @@ __all__ = [
     "AlignSettings",
     "Alignment",
     "align",
+    "align_to_reference",
     "auto_n_scales",
     "compose_params",
     "corner_error",
@@ -773,5 +819,7 @@ __all__ = [
     "matrix_to_params",
     "n_params",
     "params_to_matrix",
+    "unwarp_maps",
     "warp",
+    "warp_masks",
 ]

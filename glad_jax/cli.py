@@ -4,6 +4,8 @@
     glad score CHECKPOINT IMAGES... --out DIR  per-image scores (CSV/JSON) and heat-map PNGs
     glad eval CHECKPOINT DATA [--out DIR]      metrics table on the category's test split
     glad demo [--out DIR] [--quick]            the main job: fit + evaluate on the packaged elpv solar cells
+    glad validate CHECKPOINT DATA [--out DIR]  synthetic-defect AUROC and FPR on held-out good images
+    glad update CHECKPOINT IMAGES... --out NEW  update a fitted model with new good images (online K-MLE)
     glad info CHECKPOINT                       what a checkpoint holds
 
 Errors a user can cause (missing paths, unreadable images, incompatible checkpoints, ...) are printed as one
@@ -59,7 +61,7 @@ def _config_from_args(args: argparse.Namespace) -> GLADConfig:
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="glad", description=__doc__.split("\n\n")[0])
-  parser.add_argument("--quiet", action="store_true", help="no progress bars")
+  parser.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
   sub = parser.add_subparsers(dest="command", required=True)
 
   p = sub.add_parser("fit", help="fit GLAD on good images")
@@ -75,9 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="what to do with an unreadable image (default %(default)s)")
   _add_model_options(p)
 
-  p = sub.add_parser("score", help="score images with a fitted checkpoint")
-  p.add_argument("checkpoint")
-  p.add_argument("images", nargs="+", help="image files or folders")
+  p = sub.add_parser("score", help="score images with a fitted checkpoint or an exported scorer")
+  p.add_argument("checkpoint", help="checkpoint folder, or a file written by `glad export`")
+  p.add_argument("images", nargs="+", help="image files or folders (scored recursively)")
   p.add_argument("--out", required=True, help="output folder for scores.csv/json and heat maps")
   p.add_argument("--no-heatmaps", action="store_true")
   p.add_argument("--batch-size", type=int, default=16)
@@ -95,6 +97,41 @@ def build_parser() -> argparse.ArgumentParser:
                  help="where the fitted model is saved (default %(default)s)")
   p.add_argument("--quick", action="store_true",
                  help="a much smaller subset and K (a smoke test; also set by GLAD_DEMO_QUICK=1)")
+
+  p = sub.add_parser("export", help="serialize a checkpoint's scorer (jax.export) to run without glad_jax")
+  p.add_argument("checkpoint")
+  p.add_argument("out", help="file to write, e.g. exported/tire.gladx")
+  p.add_argument("--platforms", default="cpu",
+                 help="comma-separated platforms to compile for: cpu, cuda, rocm, tpu (default %(default)s)")
+  p.add_argument("--chunk", type=int, default=8,
+                 help="inner batch size of the exported scorer (default %(default)s)")
+
+  p = sub.add_parser("validate", help="synthetic-defect AUROC and false-positive rate on held-out good images")
+  p.add_argument("checkpoint")
+  p.add_argument("data", help="MVTec-layout category (uses validation/good, else test/good; never the anomalous "
+                 "test images) or a folder of held-out good images")
+  p.add_argument("--out", default=None, help="folder for validate.json")
+  p.add_argument("--seed", type=int, default=0, help="seed of the synthetic defects (default %(default)s)")
+  p.add_argument("--kinds", default="cutpaste,scratch,blob",
+                 help="comma-separated defect kinds (default %(default)s)")
+  p.add_argument("--n-per-image", type=int, default=1, help="defective copies of each image per kind")
+  p.add_argument("--area", default="0.0005,0.02",
+                 help="defect area range LOW,HIGH as fractions of the image (default %(default)s)")
+  p.add_argument("--batch-size", type=int, default=16)
+
+  p = sub.add_parser("update", help="update a fitted checkpoint with new good images (online K-MLE)")
+  p.add_argument("checkpoint", help="the fitted checkpoint (never modified)")
+  p.add_argument("images", nargs="+", help="new good image files or folders (training size and channels)")
+  p.add_argument("--out", required=True, help="checkpoint directory to write the updated model to")
+  p.add_argument("--forgetting", type=float, default=1.0,
+                 help="weight lambda in (0, 1] of every old sample (1: old and new images weigh the same; "
+                 "< 1 for drifting lines) (default %(default)s)")
+  p.add_argument("--holdout", type=float, default=0.0,
+                 help="fraction of the new images held out to recalibrate the thresholds (0: keep the "
+                 "checkpoint's thresholds) (default %(default)s)")
+  p.add_argument("--fpr", type=float, default=0.01,
+                 help="target false-positive rate of recalibrated thresholds (default %(default)s)")
+  p.add_argument("--on-corrupt", choices=("stop", "skip"), default="stop")
 
   p = sub.add_parser("info", help="describe a checkpoint")
   p.add_argument("checkpoint")

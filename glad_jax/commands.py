@@ -22,45 +22,8 @@ from glad_jax.config import GLADConfig
 # ------------------------------------------------------------------------------------------ progress
 
 
-class ProgressBars:
-  """tqdm bars driven by the `GLAD` progress callback (stage, info); silent when disabled."""
-
-  def __init__(self, enabled: bool = True):
-    self.enabled = enabled
-    self._bar = None
-    self._key = None
-
-  def __call__(self, stage: str, info: dict) -> None:
-    if not self.enabled:
-      return
-    from tqdm.auto import tqdm
-
-    if stage == "global":
-      key = (stage, info["layer"])
-      total, done = info["max_iter"], info["iteration"]
-      desc = f"K-MLE {info['layer']}"
-      postfix = {"loglik": f"{info['log_likelihood']:.4f}", "K": info["components"]}
-    else:
-      key = (stage, info.get("layer"))
-      total, done = info["total"], info["done"]
-      desc = {"features": "features", "local": f"local weights {info.get('layer', '')}",
-              "score": "scoring", "images": "reading images"}.get(stage, stage)
-      postfix = None
-    if key != self._key:
-      self.close()
-      # disable=None: no bar when stderr is not a terminal (logs, CI).
-      self._bar = tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True, disable=None)
-      self._key = key
-    self._bar.n = done
-    if postfix:
-      self._bar.set_postfix(postfix, refresh=False)
-    self._bar.refresh()
-
-  def close(self) -> None:
-    if self._bar is not None:
-      self._bar.close()
-      self._bar = None
-      self._key = None
+# tqdm bars on a terminal, plain rate-limited lines in logs/CI/notebooks, nothing with --quiet: progress.py.
+from glad_jax.progress import ProgressReporter as ProgressBars  # the name cmd_*, demo and compare use
 
 
 def _say(msg: str) -> None:
@@ -69,66 +32,11 @@ def _say(msg: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- data
 
-
-def load_records(records, size: int, *, on_corrupt: str = "stop", progress: ProgressBars | None = None):
-  """Decodes records to an ImageBatch; with on_corrupt='skip', unreadable images are named and left out."""
-  from glad_jax.data import images as images_io
-  from glad_jax.data import mvtec
-
-  records = list(records)
-  if not records:
-    raise ValueError("no image to load (empty split)")
-  sizes = set()
-  good = []
-  for r in records:
-    try:
-      sizes.add(images_io.image_size(r.path))
-      good.append(r)
-    except images_io.DataError as e:
-      if on_corrupt == "stop":
-        raise images_io.DataError(f"{e} (use --on-corrupt skip to leave unreadable images out)") from None
-      _say(f"glad: skipping unreadable image {r.path}")
-  if not good:
-    raise ValueError("every image was unreadable")
-  if len(sizes) > 1:
-    _say(f"glad: note: the images have {len(sizes)} different sizes; all are resized to {size}x{size}")
-  cb = None if progress is None else (lambda done, total: progress("images", {"done": done, "total": total}))
-  return mvtec.load_split(good, (size, size), progress=cb)
-
-
-def read_training_data(path: str, *, holdout: float, seed: int):
-  """Training and calibration records of an MVTec-layout category or a plain folder of good images."""
-  from glad_jax.data import mvtec
-
-  category = mvtec.read_category(path, require_masks=False)
-  train = list(category.train)
-  calib = list(category.validation)
-  if not calib and holdout > 0:
-    rng = np.random.default_rng(seed)
-    n_hold = int(round(holdout * len(train)))
-    if n_hold >= 1 and len(train) - n_hold >= 2:
-      held = set(rng.choice(len(train), n_hold, replace=False).tolist())
-      calib = [r for i, r in enumerate(train) if i in held]
-      train = [r for i, r in enumerate(train) if i not in held]
-  return category, train, calib
-
-
-def collect_image_paths(inputs: Sequence[str]) -> list[pathlib.Path]:
-  from glad_jax.data import images as images_io
-
-  paths = []
-  for item in inputs:
-    p = pathlib.Path(item)
-    if p.is_dir():
-      paths.extend(images_io.list_images(p))
-    elif p.is_file():
-      if not images_io.is_image_file(p):
-        exts = ", ".join(e.lstrip(".") for e in images_io.IMAGE_EXTENSIONS)
-        raise ValueError(f"{p} is not an image file (expected one of: {exts})")
-      paths.append(p)
-    else:
-      raise FileNotFoundError(f"no such file or folder: {p}")
-  return paths
+# Library code lives in glad_jax.evaluation / glad_jax.report; the private aliases keep cmd_* bodies unchanged.
+from glad_jax.evaluation import collect_image_paths, evaluate, load_records, read_training_data  # noqa: E402
+from glad_jax.report import markdown_table, write_report  # noqa: E402
+from glad_jax.report import write_json as _write_json  # noqa: E402
+from glad_jax.report import write_rows as _write_rows  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -143,7 +51,7 @@ def cmd_fit(args: argparse.Namespace, config: GLADConfig) -> int:
        f"({len(calib)} held out for thresholds)")
   batch = load_records(train, config.image_size, on_corrupt=args.on_corrupt, progress=bars)
   t0 = time.perf_counter()
-  model = GLAD(config).fit(batch.images, progress=bars)
+  model = GLAD(config).fit(batch.images, progress=bars, source_shape=common_file_shape(batch.paths))
   fit_seconds = time.perf_counter() - t0
   if calib:
     cal = load_records(calib, config.image_size, on_corrupt=args.on_corrupt, progress=bars)
@@ -153,129 +61,82 @@ def cmd_fit(args: argparse.Namespace, config: GLADConfig) -> int:
   for name, info in model.fit_info.items():
     nnz = "" if info.mean_nnz is None else f", {info.mean_nnz:.1f} non-zero weights/position"
     _say(f"  {name}: d={info.dim}, grid {info.grid_shape[0]}x{info.grid_shape[1]}, K {config.n_components} -> "
-         f"{info.n_components} in {info.n_iter} iterations{nnz}")
+         f"{info.n_components} in {info.n_iter} iterations{nnz}; global fit on {info.n_samples_global} of "
+         f"{info.n_samples} vectors ({info.global_reason})")
   thr = "" if model.image_threshold is None else f"; image threshold {model.image_threshold:.4g} at FPR {args.fpr}"
   print(f"saved {out} (fit {fit_seconds:.1f} s{thr})")
   return 0
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-  from glad_jax import plots
-  from glad_jax.data import mvtec
-  from glad_jax.model import GLAD
+  """Scores image files and folders (recursively) with a checkpoint or a file written by `glad export`.
 
-  model = GLAD.load(args.checkpoint)
-  paths = collect_image_paths(args.images)
-  records = [mvtec.ImageRecord(p, 0, "unknown", None) for p in paths]
+  Writes OUT/scores.json (per image: raw and normalised score, decision, regions), OUT/scores.csv, OUT/regions.csv
+  (one line per connected anomalous region: bounding box, area, peak score) and heat-map PNGs.
+  """
+  from glad_jax import export as export_lib
+  from glad_jax import plots, regions
+  from glad_jax.data import images as images_io
+  from glad_jax.data import mvtec
+
+  if export_lib.is_exported_file(args.checkpoint):
+    scorer = export_lib.load_exported(args.checkpoint)
+    size, thresholds = scorer.image_size, (scorer.image_threshold, scorer.pixel_threshold, scorer.good_score_median)
+    score = scorer.score
+  else:
+    from glad_jax.model import GLAD
+
+    model = GLAD.load(args.checkpoint)
+    size = model.config.image_size
+    thresholds = (model.image_threshold, model.pixel_threshold, getattr(model, "good_score_median", None))
+    score = model.score
+  image_threshold, pixel_threshold, median = thresholds
+
+  # Folders are scored recursively (e.g. category/test/<defect>/...); each image is named by its path relative to
+  # the folder given, a file given by itself by its name.
+  names: dict[pathlib.Path, str] = {}
+  for item in args.images:
+    p = pathlib.Path(item)
+    if p.is_dir():
+      found = sorted((f for f in p.rglob("*") if images_io.is_image_file(f)
+                      and not any(part.startswith(".") for part in f.relative_to(p).parts)),
+                     key=lambda f: f.relative_to(p).parts)
+      if not found:
+        exts = ", ".join(e.lstrip(".") for e in images_io.IMAGE_EXTENSIONS)
+        raise images_io.DataError(f"no image in {p} or its subfolders (looked for files ending in {exts}, any case)")
+      names.update((f, f.relative_to(p).as_posix()) for f in found if f not in names)
+    else:
+      names.update((f, f.name) for f in collect_image_paths([item]) if f not in names)
+  records = [mvtec.ImageRecord(p, 0, "unknown", None) for p in names]
   bars = ProgressBars(not args.quiet)
-  batch = load_records(records, model.config.image_size, on_corrupt=args.on_corrupt, progress=bars)
-  pred = model.score(batch.images, batch_size=args.batch_size, progress=bars)
+  batch = load_records(records, size, on_corrupt=args.on_corrupt, progress=bars)
+  pred = score(batch.images, batch_size=args.batch_size, progress=bars)
   bars.close()
+  rows = regions.decision_rows([names[p] for p in batch.paths], pred.image_scores, pred.anomaly_maps,
+                               image_threshold=image_threshold, pixel_threshold=pixel_threshold,
+                               good_score_median=median, extra=[{"path": str(p)} for p in batch.paths])
   out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  rows = []
-  for i, p in enumerate(batch.paths):
-    row = {"image": str(p), "score": float(pred.image_scores[i])}
-    if pred.image_labels is not None:
-      row["anomalous"] = bool(pred.image_labels[i])
-      row["threshold"] = model.image_threshold
-    rows.append(row)
-  _write_rows(out, "scores", rows)
+  regions.write_decisions(out, rows)
   if not args.no_heatmaps:
     vmin, vmax = np.percentile(pred.anomaly_maps, [1, 99.9])
-    for i, p in enumerate(batch.paths):
-      plots.heatmap_panel(batch.images[i], pred.anomaly_maps[i], out / "heatmaps" / f"{i:04d}_{p.stem}.png",
-                          title=f"{p.name}: score {pred.image_scores[i]:.3f}",
-                          pixel_threshold=model.pixel_threshold, vmin=vmin, vmax=vmax)
+    for i, row in enumerate(rows):
+      stem = pathlib.PurePosixPath(row["image"]).with_suffix("").as_posix().replace("/", "__")
+      plots.heatmap_panel(batch.images[i], pred.anomaly_maps[i], out / "heatmaps" / f"{i:04d}_{stem}.png",
+                          title=f"{row['image']}: score {row['score']:.3f}",
+                          pixel_threshold=pixel_threshold, vmin=vmin, vmax=vmax)
   for row in rows:
-    verdict = "" if "anomalous" not in row else ("  ANOMALOUS" if row["anomalous"] else "  normal")
-    print(f"{row['score']:10.4f}{verdict}  {row['image']}")
-  _say(f"glad: wrote {out / 'scores.csv'} and {out / 'scores.json'}"
+    norm = "" if row["normalised_score"] is None else f"  {row['normalised_score']:.3f}"
+    verdict = "" if row["anomalous"] is None else ("  ANOMALOUS" if row["anomalous"] else "  normal   ")
+    found = "" if not row["regions"] else f" ({row['n_regions']} region{'s' * (row['n_regions'] > 1)})"
+    print(f"{row['score']:10.4f}{norm}{verdict}  {row['image']}{found}")
+  if image_threshold is None:
+    _say("glad: note: this model has no calibrated thresholds, so no decisions and no regions "
+         "(fit it with held-out good images: validation/good or --holdout)")
+  elif median is None:
+    _say("glad: note: no normalised scores: this model was calibrated before they existed (re-calibrate it)")
+  _say(f"glad: wrote {out / 'scores.csv'}, {out / 'scores.json'} and {out / 'regions.csv'}"
        + ("" if args.no_heatmaps else f" and {len(rows)} heat maps in {out / 'heatmaps'}"))
   return 0
-
-
-def _write_rows(out: pathlib.Path, stem: str, rows: list[dict]) -> None:
-  """CSV + JSON, each written to a temporary file and renamed: no half-written result."""
-  tmp = out / f".{stem}.csv.tmp"
-  with open(tmp, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-    writer.writeheader()
-    writer.writerows(rows)
-  os.replace(tmp, out / f"{stem}.csv")
-  _write_json(out / f"{stem}.json", rows)
-
-
-def _write_json(path: pathlib.Path, obj: Any) -> None:
-  tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(json.dumps(obj, indent=2))
-  os.replace(tmp, path)
-
-
-def evaluate(model, test_batch, *, batch_size: int = 16, progress=None) -> tuple[dict, Any]:
-  """Metrics of a fitted model on a decoded test split: image AUROC, pixel AUROC, AUPRO, time per image."""
-  from glad_jax import metrics
-
-  # Compile outside the timing: every chunk of `score` has the shape of its first one.
-  model.score(test_batch.images[:batch_size], batch_size=batch_size)
-  t0 = time.perf_counter()
-  pred = model.score(test_batch.images, batch_size=batch_size, progress=progress)
-  seconds = time.perf_counter() - t0
-  labels = test_batch.labels.astype(bool)
-  result = {"n_test": int(len(labels)), "n_anomalous": int(labels.sum()),
-            "image_auroc": float(metrics.image_auroc(labels, pred.image_scores)),
-            "inference_ms_per_image": 1000.0 * seconds / len(labels)}
-  with_masks = test_batch.has_mask  # good images have a known, empty mask
-  if bool(np.any(test_batch.masks[with_masks])):
-    maps, gts = pred.anomaly_maps[with_masks], test_batch.masks[with_masks]
-    result["pixel_auroc"] = float(metrics.pixel_auroc(gts, maps))
-    result["aupro"] = float(metrics.aupro(gts, maps, max_fpr=0.3))
-  return result, pred
-
-
-def write_report(out: pathlib.Path, name: str, model, test_batch, result: dict, pred) -> None:
-  """metrics.json/.md, ROC curve, score histogram, weight decay, local maps and example heat maps."""
-  from glad_jax import local as local_lib
-  from glad_jax import metrics, plots
-
-  out.mkdir(parents=True, exist_ok=True)
-  _write_json(out / "metrics.json", result)
-  (out / "metrics.md").write_text(markdown_table([{"category": name, **result}]) + "\n")
-  labels = test_batch.labels.astype(bool)
-  fpr, tpr, _ = metrics.roc_curve(labels, pred.image_scores)
-  plots.roc_curves({f"GLAD {name}": (fpr, tpr, result["image_auroc"])}, out / "roc.png",
-                   title=f"image ROC, {name}")
-  plots.score_histogram(pred.image_scores, labels, out / "score_histogram.png", threshold=model.image_threshold)
-  infos = model.fit_info
-  if infos:
-    plots.weight_decay({n: np.asarray(l.mixture.weights) for n, l in model.layers.items()},
-                       {n: infos[n].n_samples_global for n in infos}, {n: infos[n].dim for n in infos},
-                       out / "weight_decay.png")
-  first = next(iter(model.layers))
-  layer = model.layers[first]
-  if layer.local is not None:
-    dense = np.exp(np.asarray(local_lib.to_dense(layer.local)))  # to_dense holds log pi_k(x)
-    k = int(np.argmax(np.asarray(layer.mixture.weights)))
-    plots.local_maps(model.reference if model.reference is not None else test_batch.images[0],
-                     local_lib.nnz_map(layer.local), dense[..., k], k, out / "local_maps.png", layer=first)
-  order = np.argsort(pred.image_scores)
-  picks = list(order[-4:][::-1]) + list(order[:2])  # the 4 most anomalous and the 2 most normal
-  vmin, vmax = np.percentile(pred.anomaly_maps, [1, 99.9])
-  for rank, i in enumerate(picks):
-    kind = "anomalous" if labels[i] else "good"
-    plots.heatmap_panel(test_batch.images[i], pred.anomaly_maps[i], out / "heatmaps" / f"{rank:02d}_{kind}_{i}.png",
-                        title=f"{test_batch.defects[i]}: score {pred.image_scores[i]:.3f}",
-                        pixel_threshold=model.pixel_threshold, vmin=vmin, vmax=vmax)
-
-
-def markdown_table(rows: list[dict]) -> str:
-  cols = []
-  for r in rows:
-    cols.extend(c for c in r if c not in cols)
-  fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
-  lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-  lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
-  return "\n".join(lines)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -306,11 +167,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"  {k}: {v}")
   for name, layer in model.layers.items():
     info = model.fit_info.get(name)
-    extra = "" if info is None else f", fitted on {info.n_samples_global} of {info.n_samples} vectors"
+    extra = "" if info is None else (f", global fit on {info.n_samples_global} of {info.n_samples} vectors "
+                                     f"({info.global_reason})")
     local = "global only" if layer.local is None else f"{layer.local.n_tiles} local tiles"
-    print(f"  {name}: K={layer.mixture.n_components}, d={layer.mixture.dim}, {local}{extra}")
+    print(f"  {name}: K={layer.model.n_components}, d={layer.model.dim}, {local}{extra}")
   print(f"  thresholds: image {model.image_threshold}, pixel {model.pixel_threshold}")
   print(f"  size: {model.model_size_bytes() / 2**20:.2f} MiB")
+  _print_update_info(model)
   return 0
 
 
@@ -325,6 +188,175 @@ def cmd_demo(args: argparse.Namespace) -> int:
   return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+  """Serializes a checkpoint's fused scorer (jax.export, symbolic batch) with its thresholds to one file."""
+  from glad_jax import export as export_lib
+  from glad_jax.model import GLAD
+
+  platforms = export_lib.check_platforms(args.platforms)
+  model = GLAD.load(args.checkpoint)
+  if model.image_threshold is None:
+    _say("glad: note: this model has no calibrated thresholds: the exported scorer gives scores and maps, "
+         "no decisions")
+  t0 = time.perf_counter()
+  path = export_lib.save_exported(model, args.out, platforms, chunk=args.chunk)
+  print(f"exported {path} ({path.stat().st_size / 2**20:.2f} MiB; platforms {','.join(platforms)}; "
+        f"uint8 (b, {model.config.image_size}, {model.config.image_size}, 3) with symbolic b; "
+        f"{time.perf_counter() - t0:.1f} s)")
+  return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+  """Synthetic-defect AUROC and clean false-positive rates on a category's held-out good images."""
+  from glad_jax import synthetic, validation
+  from glad_jax.data import mvtec
+  from glad_jax.model import GLAD
+
+  kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+  unknown = [k for k in kinds if k not in synthetic.KINDS]
+  if unknown or not kinds:
+    raise ValueError(f"--kinds: unknown defect kind(s) {unknown or args.kinds!r}; choose among "
+                     f"{','.join(synthetic.KINDS)}")
+  config = synthetic.DefectConfig(area=_area_arg(args.area))
+  synthetic.check_config(config)
+  if args.n_per_image < 1:
+    raise ValueError(f"--n-per-image must be >= 1, got {args.n_per_image}")
+  category = mvtec.read_category(args.data, require_masks=False)
+  records, split = validation.held_out_good(category)
+  model = GLAD.load(args.checkpoint)
+  bars = ProgressBars(not args.quiet)
+  batch = load_records(records, model.config.image_size, progress=bars)
+  _say(f"glad: validating on {len(batch.labels)} held-out good images ({split} of {category.root}) and "
+       f"{args.n_per_image} defective cop{'y' if args.n_per_image == 1 else 'ies'} of each per kind")
+  result = validation.validate(model, batch.images, seed=args.seed, kinds=kinds, n_per_image=args.n_per_image,
+                               config=config, batch_size=args.batch_size, progress=bars)
+  bars.close()
+  result = {"checkpoint": str(args.checkpoint), "data": str(args.data), "split": split, **result}
+  print(markdown_table(validation.result_rows(result)))
+  print(validation.threshold_summary(result))
+  if args.out:
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "validate.json", result)
+    _say(f"glad: wrote {out / 'validate.json'}")
+  return 0
+
+
+def _area_arg(text: str) -> tuple[float, float]:
+  try:
+    lo, hi = (float(v) for v in text.split(","))
+  except ValueError:
+    raise ValueError(f"--area must be two comma-separated fractions LOW,HIGH of the image area "
+                     f"(e.g. 0.0005,0.02), got {text!r}") from None
+  return lo, hi
+
+
+# ------------------------------------------------------------------------------------------- update
+
+
+def _file_shape(path: pathlib.Path) -> tuple[int, int, int]:
+  """(height, width, channels) of an image file, from its header."""
+  from PIL import Image
+
+  from glad_jax.data import images as images_io
+
+  try:
+    with Image.open(path) as im:
+      return im.height, im.width, len(im.getbands())
+  except (OSError, SyntaxError, ValueError) as e:
+    raise images_io.DataError(f"cannot read image {path}: {e}") from e
+
+
+def common_file_shape(paths: Sequence[pathlib.Path]) -> tuple[int, int, int] | None:
+  """(H, W, C) shared by all image files, None when they differ (the model then accepts any shape)."""
+  shapes = {_file_shape(pathlib.Path(p)) for p in paths}
+  return shapes.pop() if len(shapes) == 1 else None
+
+
+def _print_update_info(model) -> None:
+  """`glad info`'s lines about updates: statistics size and history."""
+  state = model.state
+  if state.update_stats is None:
+    print("  update statistics: none (this checkpoint cannot be updated; refit it with `glad fit`)")
+  else:
+    import jax
+
+    nbytes = sum(int(np.asarray(leaf).nbytes) for leaf in jax.tree.leaves(state.update_stats))
+    print(f"  update statistics: {nbytes / 2**20:.2f} MiB")
+  if state.source_shape is not None:
+    h, w, ch = state.source_shape
+    print(f"  training images: {h}x{w}, {ch} channel{'s' if ch != 1 else ''}")
+  history = state.update_history
+  print(f"  updates: {len(history)}")
+  for r in history:
+    ks = ", ".join(f"{name} K={k}" for name, k in r.n_components)
+    thr = "thresholds recalibrated" if r.recalibrated else "thresholds kept"
+    print(f"    {r.date}: {r.n_images} images, forgetting {r.forgetting:g}, +{r.n_added}/-{r.n_dropped} "
+          f"components ({ks}), {thr}")
+
+
+def cmd_update(args: argparse.Namespace) -> int:
+  """`glad update CKPT IMAGES... --out CKPT2`: online update with new good images into a new checkpoint."""
+  from glad_jax.data import mvtec
+  from glad_jax.model import GLAD
+  from glad_jax import online
+
+  src = pathlib.Path(args.checkpoint).expanduser().absolute()
+  dst = pathlib.Path(args.out).expanduser().absolute()
+  if dst == src or (dst.exists() and src.exists() and dst.resolve() == src.resolve()):
+    raise ValueError(f"--out {args.out} is the checkpoint being updated: write the updated model to a new "
+                     "path (the original checkpoint is never modified)")
+  if not 0.0 < args.forgetting <= 1.0:
+    raise ValueError(f"--forgetting must be in (0, 1], got {args.forgetting}")
+  if not 0.0 <= args.holdout < 1.0:
+    raise ValueError(f"--holdout must be in [0, 1), got {args.holdout}")
+  model = GLAD.load(src)
+  if model.state.update_stats is None:
+    raise ValueError(f"checkpoint {src}: cannot update this model: {online.NO_STATS_MESSAGE}")
+  paths = collect_image_paths(args.images)
+  if not paths:
+    raise ValueError(f"no image files to update the model with in {' '.join(args.images)}")
+  want = model.state.source_shape
+  if want is not None:
+    h, w, ch = want
+    for p in paths:
+      got = _file_shape(p)
+      if got != tuple(want):
+        chan = lambda c: f"{c} channel{'s' if c != 1 else ''}"
+        raise ValueError(f"{p} is {got[0]}x{got[1]} with {chan(got[2])} but the model was fitted on {h}x{w} "
+                         f"images with {chan(ch)}: give images of the training size and channel count, or refit")
+  records = [mvtec.ImageRecord(p, 0, "good", None) for p in paths]
+  hold = []
+  if args.holdout > 0:
+    rng = np.random.default_rng(model.config.seed)
+    n_hold = int(round(args.holdout * len(records)))
+    if n_hold < 1 or len(records) - n_hold < 1:
+      raise ValueError(f"--holdout {args.holdout} of {len(records)} images leaves no image to hold out or none "
+                       "to update with")
+    held = set(rng.choice(len(records), n_hold, replace=False).tolist())
+    hold = [r for i, r in enumerate(records) if i in held]
+    records = [r for i, r in enumerate(records) if i not in held]
+  bars = ProgressBars(not args.quiet)
+  size = model.config.image_size
+  batch = load_records(records, size, on_corrupt=args.on_corrupt, progress=bars)
+  cal = load_records(hold, size, on_corrupt=args.on_corrupt, progress=bars).images if hold else None
+  _say(f"glad: updating {src} with {len(batch)} images"
+       + (f" ({len(hold)} held out for thresholds)" if hold else " (thresholds kept)"))
+  t0 = time.perf_counter()
+  model.update(batch.images, holdout=cal, fpr=args.fpr, forgetting=args.forgetting, progress=bars)
+  seconds = time.perf_counter() - t0
+  bars.close()
+  out = model.save(dst)   # atomic: a temporary directory renamed into place
+  for name, info in model.update_info.items():
+    g = info.global_info
+    _say(f"  {name}: K {g.index.size - g.n_added + g.n_dropped} -> {info.n_components} "
+         f"(+{g.n_added} created from {g.n_poorly_explained} poorly explained vectors, -{g.n_dropped} dropped), "
+         f"{g.n_iter} K-MLE iterations on {info.n_samples_global} vectors")
+  thr = "" if model.image_threshold is None else f"; image threshold {model.image_threshold:.4g}"
+  print(f"saved {out} (update {seconds:.1f} s{thr})")
+  return 0
+
+
 def run(args: argparse.Namespace, config: GLADConfig | None) -> int:
   if args.command == "fit":
     return cmd_fit(args, config)
@@ -334,6 +366,12 @@ def run(args: argparse.Namespace, config: GLADConfig | None) -> int:
     return cmd_eval(args)
   if args.command == "demo":
     return cmd_demo(args)
+  if args.command == "export":
+    return cmd_export(args)
+  if args.command == "validate":
+    return cmd_validate(args)
+  if args.command == "update":
+    return cmd_update(args)
   if args.command == "info":
     return cmd_info(args)
   raise ValueError(f"unknown command {args.command!r}")

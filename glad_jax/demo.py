@@ -28,7 +28,7 @@ CALIBRATION_FPR = 0.01
 def run_demo(out: pathlib.Path, checkpoint_path: pathlib.Path, *, quick: bool = False,
              progress: Callable | None = None) -> dict:
   """Fits, calibrates, saves, evaluates and reports; returns the metrics row."""
-  from glad_jax import commands
+  from glad_jax import evaluation, report
   from glad_jax.data import elpv
   from glad_jax.model import GLAD
 
@@ -36,20 +36,20 @@ def run_demo(out: pathlib.Path, checkpoint_path: pathlib.Path, *, quick: bool = 
   category = elpv.elpv_category(seed=config.seed, **subset)
   n_cal = max(1, int(round(CALIBRATION_FRACTION * len(category.train))))
   train, calib = category.train[n_cal:], category.train[:n_cal]
-  train_batch = commands.load_records(train, config.image_size, progress=progress)
+  train_batch = evaluation.load_records(train, config.image_size, progress=progress)
   t0 = time.perf_counter()
   model = GLAD(config).fit(train_batch.images, progress=progress)
   fit_seconds = time.perf_counter() - t0
-  model.calibrate(commands.load_records(calib, config.image_size).images, fpr=CALIBRATION_FPR)
+  model.calibrate(evaluation.load_records(calib, config.image_size).images, fpr=CALIBRATION_FPR)
   model.save(checkpoint_path)
-  test_batch = commands.load_records(category.test, config.image_size, progress=progress)
-  result, pred = commands.evaluate(model, test_batch, progress=progress)
+  test_batch = evaluation.load_records(category.test, config.image_size, progress=progress)
+  result, pred = evaluation.evaluate(model, test_batch, progress=progress)
   if progress is not None and hasattr(progress, "close"):
     progress.close()
   row = {"category": category.name, "n_train": len(train), **result, "fit_seconds": fit_seconds,
-         "components": ", ".join(f"{n}: {layer.mixture.n_components}" for n, layer in model.layers.items()),
+         "components": ", ".join(f"{n}: {layer.model.n_components}" for n, layer in model.layers.items()),
          "quick": quick}
-  commands.write_report(out, category.name, model, test_batch, row, pred)
+  report.write_report(out, category.name, model, test_batch, row, pred)
   (out / "config.txt").write_text(
       "\n".join(f"{k} = {v}" for k, v in dataclasses.asdict(config).items()) + "\n"
       + "\n".join(f"subset.{k} = {v}" for k, v in subset.items()) + "\n")

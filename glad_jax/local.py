@@ -31,6 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import Mesh, PartitionSpec
+
+from glad_jax import sharding
 
 from glad_jax.mixture.gaussian import (
     GaussianMixture,
@@ -324,7 +327,8 @@ def _sample_positions(start: jax.Array, window_start: jax.Array, rows: int,
   return jnp.stack(index), jnp.stack(ok)
 
 
-def _count_update(z: jax.Array, best: jax.Array, ok: jax.Array, n_slots: int
+def _count_update(z: jax.Array, best: jax.Array, ok: jax.Array, n_slots: int,
+                  image_mask: jax.Array | None = None, axis_name: str | None = None
                   ) -> tuple[jax.Array, jax.Array]:
   """Eq. 11-12 from the assignments of the disk samples of P positions.
 
@@ -334,6 +338,11 @@ def _count_update(z: jax.Array, best: jax.Array, ok: jax.Array, n_slots: int
     best: array of shape (n_offsets, P, M), the maximised score of each sample.
     ok: bool array of shape (n_offsets, P), False for samples outside the grid.
     n_slots: number of slots per position.
+    image_mask: optional bool array of shape (M,), False on padding images (they count for
+      nothing).
+    axis_name: inside `shard_map` over images: the mesh axis whose devices hold the other
+      images; the counts, log-likelihood sums and sample counts are added over it (one
+      ``psum``), so every device gets the weights of all images.
 
   Returns:
     log_weights: array of shape (P, n_slots), log |C_k(x)| / n(x) (-inf for empty slots).
@@ -342,21 +351,31 @@ def _count_update(z: jax.Array, best: jax.Array, ok: jax.Array, n_slots: int
   n_off, p, m = z.shape
   okf = ok.astype(best.dtype)
   slot = jnp.arange(p, dtype=jnp.int32)[None, :, None] * n_slots + z
+  if image_mask is None:
+    sample_ok, valid, n_images = okf[..., None], ok[..., None], m
+  else:
+    imf = image_mask.astype(best.dtype)
+    sample_ok = okf[..., None] * imf
+    valid = ok[..., None] & image_mask
+    n_images = jnp.sum(imf)
   # Padding samples add 0 to the counts; where(...) keeps them out of the sum.
   counts = jnp.zeros((p * n_slots,), best.dtype).at[slot.reshape(-1)].add(
-      jnp.broadcast_to(okf[..., None], z.shape).reshape(-1))
+      jnp.broadcast_to(sample_ok, z.shape).reshape(-1))
   ll_sum = jnp.zeros((p,), best.dtype)
   n_samples = jnp.zeros((p,), best.dtype)
   for o in range(n_off):  # offset by offset, like `local_kmle_step`
-    ll_sum = ll_sum + jnp.sum(jnp.where(ok[o][:, None], best[o], 0.0), axis=-1)
-    n_samples = n_samples + m * okf[o]
+    ll_sum = ll_sum + jnp.sum(jnp.where(valid[o], best[o], 0.0), axis=-1)
+    n_samples = n_samples + n_images * okf[o]
+  if axis_name is not None:
+    counts, ll_sum, n_samples = jax.lax.psum((counts, ll_sum, n_samples), axis_name)
   log_weights = jnp.log(counts.reshape(p, n_slots)) - jnp.log(n_samples)[:, None]
   return log_weights, ll_sum / n_samples
 
 
 def _fit_tile(buffer: jax.Array, log_dens: jax.Array, samples: tuple[jax.Array, jax.Array],
               ok: jax.Array, active: jax.Array, log_w1: jax.Array, ll1: jax.Array,
-              tol: jax.Array, max_iter: int):
+              tol: jax.Array, max_iter: int, image_mask: jax.Array | None = None,
+              axis_name: str | None = None):
   """Iterations 2.. of the local K-MLE of a tile of T positions, on their candidates only.
 
   Exactness: a component with pi_k(x) = 0 (log-weight -inf) never wins the argmax of Eq. 10
@@ -382,6 +401,7 @@ def _fit_tile(buffer: jax.Array, log_dens: jax.Array, samples: tuple[jax.Array, 
     ll1: array of shape (T,), mean log-likelihood of the first update.
     tol: relative tolerance on the mean log-likelihood.
     max_iter: iteration cap (static, >= 2).
+    image_mask, axis_name: as in `_count_update` (images split over devices).
 
   Returns:
     buffer, log_weights (T, K'), n_iter (T,) int32, converged (T,) bool,
@@ -414,7 +434,7 @@ def _fit_tile(buffer: jax.Array, log_dens: jax.Array, samples: tuple[jax.Array, 
       return g + lw[:, None, :, None]  # Eq. 10: log N(u; k) + log pi_k(x)
 
     best, z = _running_argmax(block, n_blocks, (n_off, t, m), log_w.dtype)
-    return _count_update(z, best, ok, k)
+    return _count_update(z, best, ok, k, image_mask, axis_name)
 
   def cond(carry):
     it, _, _, _, done = carry
@@ -439,12 +459,11 @@ def _fit_tile(buffer: jax.Array, log_dens: jax.Array, samples: tuple[jax.Array, 
   return buffer, dense, n_iter, done, ll
 
 
-@functools.partial(jax.jit, static_argnames=("offsets", "rows", "window", "per_batch", "tile",
-                                             "max_iter"))
-def _fit_chunk(features: jax.Array, start: jax.Array, centre: jax.Array, w_pieces: list,
-               bias: jax.Array, init_log_weights: jax.Array, tol: jax.Array, *,
-               offsets: tuple[tuple[int, int], ...], rows: int, window: int, per_batch: int,
-               tile: int, max_iter: int):
+def _fit_chunk_body(features: jax.Array, start: jax.Array, centre: jax.Array, w_pieces: list,
+                    bias: jax.Array, init_log_weights: jax.Array, tol: jax.Array,
+                    image_mask: jax.Array | None = None, *,
+                    offsets: tuple[tuple[int, int], ...], rows: int, window: int,
+                    per_batch: int, tile: int, max_iter: int, axis_name: str | None = None):
   """K-MLE of the local weights of the `rows` grid rows starting at row `start`.
 
   The log-densities of the samples of the window of rows [start - R, start + rows + R)
@@ -461,6 +480,10 @@ def _fit_chunk(features: jax.Array, start: jax.Array, centre: jax.Array, w_piece
     tol: relative change of each position's mean log-likelihood that stops its iterations.
     per_batch: window positions per batch of the log-density products (all M images of a
       position in one batch).
+    image_mask: optional bool array of shape (M,), False on padding images.
+    axis_name: when run per device under `shard_map` with the images split over this mesh
+      axis: every count is added over the devices (`_count_update`), so each device follows
+      the same iterations and returns the weights of all images.
 
   Returns:
     log_weights (rows * w, K'), n_iter (rows * w,) int32, converged (rows * w,) bool,
@@ -492,7 +515,7 @@ def _fit_chunk(features: jax.Array, start: jax.Array, centre: jax.Array, w_piece
   log_dens, z0, best0 = jax.lax.map(densities, x)  # (n_batches, K', q, M), (n_batches, q, M) x2
   index, ok = _sample_positions(start, window_start, rows, (h, w), window, offsets)
   samples = (index // per_batch, index % per_batch)
-  log_w1, ll1 = _count_update(z0[samples], best0[samples], ok, k)
+  log_w1, ll1 = _count_update(z0[samples], best0[samples], ok, k, image_mask, axis_name)
   p = rows * w
   if max_iter == 1:
     return log_w1, jnp.ones((p,), jnp.int32), jnp.zeros((p,), bool), ll1
@@ -509,7 +532,7 @@ def _fit_chunk(features: jax.Array, start: jax.Array, centre: jax.Array, w_piece
     pos, act = inputs
     buffer, lw, n_iter, done, ll = _fit_tile(
         buffer, log_dens, (samples[0][:, pos], samples[1][:, pos]), ok[:, pos], act,
-        log_w1[pos], ll1[pos], tol, max_iter)
+        log_w1[pos], ll1[pos], tol, max_iter, image_mask, axis_name)
     return buffer, (lw, n_iter, done, ll)
 
   buffer = jnp.zeros((k, len(offsets), tile, m), log_dens.dtype)
@@ -519,10 +542,44 @@ def _fit_chunk(features: jax.Array, start: jax.Array, centre: jax.Array, w_piece
       a.reshape((n_tiles * tile,) + a.shape[2:])[:p]) for a in outputs)
 
 
+_CHUNK_STATICS = ("offsets", "rows", "window", "per_batch", "tile", "max_iter")
+_fit_chunk = jax.jit(_fit_chunk_body, static_argnames=_CHUNK_STATICS)
+
+
+@functools.lru_cache(maxsize=16)
+def _sharded_fit_chunk(mesh: Mesh, **statics):
+  """`_fit_chunk` with the images split over `mesh`: each device computes the log-densities
+  of its own images and the counts are added with ``psum`` (outputs replicated)."""
+  axis = mesh.axis_names[0]
+  body = functools.partial(_fit_chunk_body, axis_name=axis, **statics)
+  rep, rows = PartitionSpec(), PartitionSpec(axis)
+  # check_vma=False: the body is single-device code (scans and while loops whose carries start
+  # as constants); the psums make every output the same on all devices.
+  return jax.jit(jax.shard_map(body, mesh=mesh,
+                               in_specs=(rows, rep, rep, rep, rep, rep, rep, rows),
+                               out_specs=(rep, rep, rep, rep), check_vma=False))
+
+
+def _place_images(features, image_mask, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
+  """Features split by images over `mesh` (padded with masked images), and their mask."""
+  if image_mask is None:
+    return sharding.place_samples(features, mesh)
+  if isinstance(features, jax.Array) and not features.is_fully_addressable:
+    # A `distributed.to_global` array: already split by images, with its own mask.
+    if features.shape[0] % sharding.mesh_size(mesh):
+      raise ValueError(f"a multi-process features array should have a multiple of "
+                       f"{sharding.mesh_size(mesh)} images, got shape {tuple(features.shape)}")
+    return features, image_mask
+  feats, pad_mask = sharding.place_samples(features, mesh)
+  mask = jnp.pad(jnp.asarray(image_mask, bool), (0, feats.shape[0] - features.shape[0]))
+  return feats, jax.device_put(jnp.logical_and(mask, pad_mask), pad_mask.sharding)
+
+
 def fit_local_log_weights(features: jax.Array, mixture: GaussianMixture, radius: float = 1.0,
                           max_iter: int = 100, tol: float = 1e-6,
                           callback: Callable[[LocalFitProgress], None] | None = None,
                           max_chunk_elements: int = _DEFAULT_CHUNK_ELEMENTS,
+                          mesh: Mesh | None = None, image_mask: jax.Array | None = None,
                           ) -> tuple[jax.Array, jax.Array]:
   """Dense local log-weights log pi_k(x) by K-MLE with fixed components (Eq. 10-12).
 
@@ -541,17 +598,29 @@ def fit_local_log_weights(features: jax.Array, mixture: GaussianMixture, radius:
     max_chunk_elements: bound on M * (rows + 2R) * (w + 2R) * K, the log-densities held at
       once; sets how many grid rows a chunk has. A chunk also holds a (K, n_offsets, T, M)
       scratch of at most a quarter of this size: about 5 * max_chunk_elements bytes in all
-      (float32).
+      (float32), per device with a mesh (the images of one device).
+    mesh: optional 1-D mesh: the images are split over its devices (`sharding.place_samples`;
+      a global array from `glad_jax.distributed.to_global` is used as it is) and the counts
+      of Eq. 11-12 are added across devices, which gives the one-device weights.
+    image_mask: optional bool array of shape (M,), False on padding images (e.g. the mask of
+      `distributed.to_global`); default: every image counts.
 
   Returns:
-    log_weights: array of shape (h, w, K), log pi_k(x), -inf where pi_k(x) = 0.
+    log_weights: array of shape (h, w, K), log pi_k(x), -inf where pi_k(x) = 0 (replicated
+      over the mesh).
     n_iter: int32 array of shape (h, w), the iterations each position took.
   """
-  features = jnp.asarray(features)
+  if mesh is not None:
+    features, image_mask = _place_images(features, image_mask, mesh)
+  else:
+    features = jnp.asarray(features)
+    image_mask = None if image_mask is None else jnp.asarray(image_mask, bool)
   m, h, w, d = features.shape
   k = mixture.n_components
   offsets = disk_offsets(radius)
   reach = _halo(offsets)
+  # Memory bounds per device: each holds the log-densities of its own images only.
+  m = -(-m // sharding.mesh_size(mesh))
   per_row = m * (w + 2 * reach) * k
   rows = int(max(1, min(h, max_chunk_elements // per_row - 2 * reach)))
   n_chunks = -(-h // rows)
@@ -563,22 +632,30 @@ def fit_local_log_weights(features: jax.Array, mixture: GaussianMixture, radius:
                         max_chunk_elements // (4 * k_pad * m * len(offsets)))))
 
   dtype = features.dtype
+  if mesh is not None:
+    mixture = sharding.to_local(mixture, mesh)
   mixture = jax.tree_util.tree_map(lambda a: a.astype(dtype), mixture)
   centre, w_pieces, bias = log_density_params(mixture)
   # Padding components: zero products, log-weight -inf (never assigned, never candidates).
   w_pieces = [jnp.pad(piece, ((0, 0), (0, k_pad - k))) for piece in w_pieces]
   bias = jnp.pad(bias, (0, k_pad - k))
   init = jnp.pad(jnp.log(mixture.weights), (0, k_pad - k), constant_values=-jnp.inf)
+  statics = dict(offsets=offsets, rows=rows, window=window, per_batch=per_batch, tile=tile,
+                 max_iter=max_iter)
+  if mesh is None:
+    fit_chunk = functools.partial(_fit_chunk, **statics)
+  else:
+    fit_chunk = _sharded_fit_chunk(mesh, **statics)
+    centre, w_pieces, bias, init = sharding.replicate((centre, w_pieces, bias, init), mesh)
   log_w_chunks, n_iter_chunks = [], []
   for c in range(n_chunks):
     first, last = c * rows, min(h, (c + 1) * rows)
     # The last chunk is shifted up to end at the grid's last row (its first rows repeat the
     # previous chunk's, with identical results: positions are independent problems).
     start = min(first, h - rows)
-    log_w, n_iter, done, ll = _fit_chunk(
+    log_w, n_iter, done, ll = fit_chunk(
         features, jnp.int32(start), centre, w_pieces, bias, init, jnp.asarray(tol, dtype),
-        offsets=offsets, rows=rows, window=window, per_batch=per_batch, tile=tile,
-        max_iter=max_iter)
+        image_mask)
     keep = slice((first - start) * w, (last - start) * w)
     log_w_chunks.append(log_w[keep, :k].reshape(last - first, w, k))
     n_iter_chunks.append(n_iter[keep].reshape(last - first, w))
@@ -665,7 +742,8 @@ def sparsity_stats(sparse: SparseLocalWeights) -> SparsityStats:
 def fit_local_weights(features: jax.Array | np.ndarray, mixture: GaussianMixture,
                       radius: float = 1.0, max_iter: int = 100, tol: float = 1e-6,
                       callback: Callable[[LocalFitProgress], None] | None = None,
-                      tile_size: int = DEFAULT_TILE_SIZE) -> SparseLocalWeights:
+                      tile_size: int = DEFAULT_TILE_SIZE, *, mesh: Mesh | None = None,
+                      image_mask: jax.Array | np.ndarray | None = None) -> SparseLocalWeights:
   """Fits the local weight map of one layer and returns its sparse form (Section 3.2).
 
   Public entry point: validates its input, then runs `fit_local_log_weights` and `sparsify`.
@@ -678,9 +756,15 @@ def fit_local_weights(features: jax.Array | np.ndarray, mixture: GaussianMixture
     tol: relative change of the mean log-likelihood that stops a position (paper: 1e-6).
     callback: optional progress callback, called with a `LocalFitProgress` per chunk.
     tile_size: positions per tile of the sparse layout.
+    mesh: optional 1-D mesh: the images are split over its devices and the per-position
+      counts over training images are added across them (same weights as one device). The
+      features may be a multi-process global array (`glad_jax.distributed.to_global`).
+    image_mask: optional bool array of shape (M,), False on padding images (e.g. the mask
+      that comes with `distributed.to_global`); default: all images count.
 
   Returns:
-    SparseLocalWeights of grid (h, w) and K = mixture.n_components.
+    SparseLocalWeights of grid (h, w) and K = mixture.n_components (host arrays, the same
+    on every process).
 
   Raises:
     ValueError: on a features array that is not 4-D, a dimension d that differs from the
@@ -694,7 +778,7 @@ def fit_local_weights(features: jax.Array | np.ndarray, mixture: GaussianMixture
                      f"{tuple(feats.shape)}) but the mixture has dimension {mixture.dim}")
   if min(feats.shape) == 0:
     raise ValueError(f"features are empty: shape {tuple(feats.shape)}")
-  if not bool(jnp.all(jnp.isfinite(jnp.asarray(feats)))):
+  if not bool(jnp.all(jnp.isfinite(feats if isinstance(feats, jax.Array) else jnp.asarray(feats)))):
     raise ValueError("features contain NaN or infinite values")
   if not (radius >= 0 and math.isfinite(radius)):
     raise ValueError(f"radius should be a finite number >= 0, got {radius}")
@@ -704,9 +788,16 @@ def fit_local_weights(features: jax.Array | np.ndarray, mixture: GaussianMixture
     raise ValueError(f"tol should be >= 0, got {tol}")
   if int(tile_size) != tile_size or tile_size < 1:
     raise ValueError(f"tile_size should be an integer >= 1, got {tile_size}")
-  dtype = jnp.asarray(feats).dtype
+  if image_mask is not None:
+    if tuple(image_mask.shape) != (feats.shape[0],):
+      raise ValueError(f"image_mask should have shape ({feats.shape[0]},) (one entry per image), "
+                       f"got {tuple(image_mask.shape)}")
+    if not bool(jnp.any(jnp.asarray(image_mask))):
+      raise ValueError("image_mask marks no image as valid: nothing to fit")
+  dtype = feats.dtype
   if not jnp.issubdtype(dtype, jnp.floating):
-    feats = jnp.asarray(feats, jnp.float32)
+    feats = feats.astype(np.float32)
   log_weights, _ = fit_local_log_weights(feats, mixture, radius=radius, max_iter=int(max_iter),
-                                         tol=float(tol), callback=callback)
+                                         tol=float(tol), callback=callback, mesh=mesh,
+                                         image_mask=image_mask)
   return sparsify(log_weights, tile_size=int(tile_size))

@@ -186,7 +186,9 @@ def sparse_log_likelihood(layer: LayerModel, features: jax.Array,
     # The dummy position reads a real feature (clipped index); its -inf weight discards it.
     u = jnp.take(x, jnp.minimum(p, n_pos - 1), axis=0)  # (block, T, B, d)
     diff = u.reshape(-1, t * b, d) - layer.means[c][:, None, :]  # (block, T * B, d)
-    y = jnp.einsum("snd,sde->sne", diff, layer.prec_chol[c])  # one (T*B, d) x (d, d) per tile
+    # HIGHEST: full float32 products (the default is TF32 on GPUs, ~1e-3 relative error).
+    y = jnp.einsum("snd,sde->sne", diff, layer.prec_chol[c],  # one (T*B, d) x (d, d) per tile
+                   precision=jax.lax.Precision.HIGHEST)
     maha = jnp.sum(jnp.square(y), axis=-1).reshape(-1, t, b)  # (block, T, B)
     return -0.5 * (const + layer.log_det[c][:, None, None] + maha) + lw[..., None]
 

@@ -72,32 +72,93 @@ def pad_rows(x: Any, n_total: int) -> tuple[Any, Any]:
   return xp.pad(x, widths), mask
 
 
-def place_samples(x: Any, mesh: Mesh | None = None, *, multiple: int = 1
-                  ) -> tuple[jax.Array, jax.Array]:
+def place_samples(x: Any, mesh: Mesh | None = None, *, multiple: int = 1,
+                  n_valid: int | None = None) -> tuple[jax.Array, jax.Array]:
   """Pad rows and put samples on the mesh, split by rows.
 
+  `x` may already be a global array spanning several processes (`glad_jax.distributed`):
+  then padding and placement run as jitted programs over the mesh (every process calls this
+  with the same global array), and no process ever reads rows it does not hold.
+
   Args:
-    x: array of shape (N, d).
+    x: array of shape (N, ...), NumPy or JAX (e.g. (N, d) samples or (N, h, w, d) images).
     mesh: a 1-D mesh, or None for the default device.
     multiple: each device's row count is made a multiple of this (e.g. the chunk size).
+    n_valid: the rows past this are padding already (default: N, none): e.g. the images that
+      `distributed.to_global` appends after the real ones.
 
   Returns:
-    x: array of shape (N_pad, d), N_pad a multiple of (devices x multiple), sharded by rows.
-    mask: array of shape (N_pad,), True on real rows, sharded like x.
+    x: array of shape (N_pad, ...), N_pad a multiple of (devices x multiple), sharded by rows.
+    mask: array of shape (N_pad,), True on the first `n_valid` rows, sharded like x.
   """
+  n_valid = x.shape[0] if n_valid is None else int(n_valid)
+  if not 0 <= n_valid <= x.shape[0]:
+    raise ValueError(f"n_valid should be in [0, {x.shape[0]}] (the rows of x), got {n_valid}")
   n_total = padded_size(x.shape[0], multiple * mesh_size(mesh))
-  xp, mask = pad_rows(x, n_total)
   if mesh is None:
-    return jax.device_put(xp), jax.device_put(mask)
+    xp, _ = pad_rows(x, n_total)
+    return jax.device_put(xp), jax.device_put(jnp.arange(n_total) < n_valid)
   axis = _axis(mesh)
-  return (jax.device_put(xp, NamedSharding(mesh, P(axis, *([None] * (xp.ndim - 1))))),
-          jax.device_put(mask, NamedSharding(mesh, P(axis))))
+  rows = NamedSharding(mesh, P(axis, *([None] * (x.ndim - 1))))
+  mask_sharding = NamedSharding(mesh, P(axis))
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    # A multi-process array: pad inside one jitted program whose output is split by rows (a
+    # host-side pad would need every row on every process).
+    widths = [(0, n_total - x.shape[0])] + [(0, 0)] * (x.ndim - 1)
+    xp = jax.jit(lambda a: jnp.pad(a, widths), out_shardings=rows)(x)
+    mask = jax.jit(lambda: jnp.arange(n_total) < n_valid, out_shardings=mask_sharding)()
+    return xp, mask
+  xp, _ = pad_rows(x, n_total)
+  mask = (np.arange(n_total) < n_valid) if isinstance(xp, np.ndarray) else (
+      jnp.arange(n_total) < n_valid)
+  return jax.device_put(xp, rows), jax.device_put(mask, mask_sharding)
+
+
+def to_local(tree: Any, mesh: Mesh | None = None) -> Any:
+  """Every replicated leaf of `tree` as a single-device array of this process.
+
+  The fitters return their parameters replicated over the mesh. With several processes such an
+  array spans devices this process cannot address, so ``jax.device_put(a, device)`` and host
+  reads of a non-replicated array fail; each process holds a full copy of a replicated array
+  though, and this returns it (on the first local device of `mesh`, or the default device).
+
+  Args:
+    tree: a pytree of arrays, each fully addressable or fully replicated.
+    mesh: the mesh the leaves live on (None: the default device).
+
+  Returns:
+    the same pytree with every array leaf on one local device.
+
+  Raises:
+    ValueError: for a leaf that is split over devices of other processes (not replicated).
+  """
+  local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()] \
+      if mesh is not None else []
+  device = local[0] if local else jax.local_devices()[0]
+
+  def one(a):
+    if not isinstance(a, jax.Array):
+      return a
+    if a.is_fully_addressable:
+      return jax.device_put(a, device)
+    if not a.is_fully_replicated:
+      raise ValueError(f"an array of shape {a.shape} is split over devices of other processes "
+                       f"({a.sharding}); only replicated arrays can be made local")
+    return jax.device_put(a.addressable_data(0), device)
+
+  return jax.tree_util.tree_map(one, tree)
 
 
 def replicate(tree: Any, mesh: Mesh | None) -> Any:
   """Put every leaf of `tree` on all devices of `mesh` (no-op without a mesh)."""
   if mesh is None:
     return tree
+  if jax.process_count() > 1:
+    # Across processes, a replicated global array is built from host values (each process
+    # places its own copies); an array on one local device cannot be moved to the others'.
+    tree = jax.tree_util.tree_map(
+        lambda a: np.asarray(a) if isinstance(a, jax.Array) and a.is_fully_addressable else a,
+        tree)
   return jax.device_put(tree, NamedSharding(mesh, P()))
 
 

@@ -18,7 +18,11 @@ that differs from the paper's ("reduced settings"), then one summary table, one 
   size_mb                           fitted arrays, 1 MB = 1e6 bytes (backbone excluded)
   rd_normal, rd_auroc, rd_diff      Rd-: image AUROC clean, mean over randomised versions, gap
   c<N>_auroc, c<N>_drop             N anomalous test images moved into training
-  adv_clean, adv_eps<e>             image AUROC under PGD with budget e/255
+  adv_pixel_ap, adv_pixel_ap_eps<e> pixel AP, clean and under the pixel PGD at the largest
+                                    budget e/255 (and 'e t': targeted, towards the reversed mask)
+  adv_hide_det_eps<e>               anomalous images still above the calibrated threshold when
+                                    only they are attacked (score pushed down), largest budget
+  adv_alarm_eps<e>                  good images above the threshold when only they are attacked
 
 and one detail table per protocol (per Rd- version, per N, per budget). The same report goes to
 DIR/compare.md, and all numbers with the settings to DIR/compare.json. Progress goes to stderr.
@@ -42,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 import time
@@ -54,7 +57,8 @@ PROTOCOLS = ("standard", "rd", "contamination", "adversarial")
 # The paper's settings (Section 4.1, 4.4; OmniAL supp. for PGD; robustness suite for N).
 PAPER = {"backbone": "wide_resnet50_2_aa", "k": 1000, "image_size": 256, "max_iter": 100,
          "max_samples": None, "max_train": None, "max_test": None, "rd_versions": 5,
-         "contamination": [10, 40], "epsilons": [1.0, 2.0, 4.0, 8.0], "pgd_steps": 5}
+         "contamination": [10, 40], "epsilons": [1.0, 2.0, 4.0, 8.0], "pgd_steps": 5,
+         "targeted_epsilon": 8.0}
 
 
 def _ints(text: str) -> list[int]:
@@ -84,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
       formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("data", help="MVTec-layout category folder, or 'elpv'")
   p.add_argument("--methods", nargs="+", default=None,
-                 help="methods to run (default: all): glad, glad-global, glad-em, glad-no-oas, "
-                      "glad-<layer subsets>, mahaad, padim, patchcore")
+                 help="methods to run (default: all): every method of the registry "
+                      "(glad_jax.methods: glad, mahaad, padim, patchcore, ...) and their variants "
+                      "(glad-global, glad-em, glad-no-oas, glad-<layer subsets>)")
   p.add_argument("--protocols", type=_names, default=list(PROTOCOLS),
                  help="comma-separated subset of " + ",".join(PROTOCOLS) + " (default: all)")
   p.add_argument("--max-train", type=int, default=None, help="seeded subset of training images")
@@ -105,7 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--contamination", type=_ints, default=PAPER["contamination"],
                  help="comma-separated N (default 10,40)")
   p.add_argument("--epsilons", type=_floats, default=PAPER["epsilons"],
-                 help="PGD budgets in 1/255 units, comma-separated (default 1,2,4,8)")
+                 help="pixel PGD budgets in 1/255 units, comma-separated (default 1,2,4,8)")
+  p.add_argument("--targeted-epsilon", type=float, default=PAPER["targeted_epsilon"],
+                 help="budget of the targeted pixel PGD in 1/255 units (default 8; < 0 skips it)")
+  p.add_argument("--image-epsilons", type=_floats, default=[0.25, 0.5, 1.0, 2.0, 4.0],
+                 help="budgets of the one-sided image attacks in 1/255 units (default "
+                      "0.25,0.5,1,2,4)")
+  p.add_argument("--holdout", type=float, default=0.2,
+                 help="fraction of the training images held out of the attack protocol's fits "
+                      "(map statistics and threshold; default 0.2)")
+  p.add_argument("--fpr", type=float, default=0.01,
+                 help="false-positive rate of the attack protocol's image threshold (default 0.01)")
   p.add_argument("--pgd-steps", type=int, default=PAPER["pgd_steps"])
   p.add_argument("--pgd-batch-size", type=int, default=8)
   p.add_argument("--batch-size", type=int, default=16)
@@ -169,14 +184,17 @@ def reduced_settings(args) -> list[str]:
   if "adversarial" in args.protocols:
     used["epsilons"] = [float(e) for e in args.epsilons]
     used["pgd_steps"] = args.pgd_steps
+    used["targeted_epsilon"] = None if args.targeted_epsilon < 0 else float(args.targeted_epsilon)
   show = lambda v: "all" if v is None else v  # noqa: E731
   return [f"{k}: {show(v)} (paper: {show(PAPER[k])})" for k, v in used.items() if v != PAPER[k]]
 
 
 def summary_rows(methods, results: dict) -> list[dict[str, Any]]:
   """One row per method with the headline numbers of every protocol that ran."""
-  from glad_jax.robustness.protocols import epsilon_label
+  from glad_jax.robustness.protocols import adversarial_tables
 
+  adv = None if "adversarial" not in results else {
+      k: {r["method"]: r for r in t} for k, t in adversarial_tables(results["adversarial"]).items()}
   rows = []
   for m in methods:
     row: dict[str, Any] = {"method": m.name}
@@ -202,10 +220,20 @@ def summary_rows(methods, results: dict) -> list[dict[str, Any]]:
         if (r := take("contamination", n_requested=n)) is not None:
           row[f"c{n}_auroc"] = r["contaminated_auroc"]
           row[f"c{n}_drop"] = r["drop"]
-    if (r := take("adversarial")) is not None:
-      row["adv_clean"] = r["clean_auroc"]
-      for e in results["adversarial"].settings["epsilons"]:
-        row["adv_" + epsilon_label(e).removeprefix("auroc_")] = r[epsilon_label(e)]
+    if take("adversarial", attack="none") is not None:
+      st = results["adversarial"].settings
+      pixel, hide, alarm = (adv[k][m.name] for k in ("pixel", "hide", "false-alarm"))
+      row["adv_pixel_ap"] = pixel.get("pixel_ap_clean")
+      if st["pixel_epsilons"]:
+        e = f"{round(max(st['pixel_epsilons']) * 255, 4):g}"
+        row[f"adv_pixel_ap_eps{e}"] = pixel.get(f"pixel_ap_eps{e}")
+      if st["targeted_epsilon"] is not None:
+        e = f"{round(st['targeted_epsilon'] * 255, 4):g}t"
+        row[f"adv_pixel_ap_eps{e}"] = pixel.get(f"pixel_ap_eps{e}")
+      if st["image_epsilons"]:
+        e = f"{round(max(st['image_epsilons']) * 255, 4):g}"
+        row[f"adv_hide_det_eps{e}"] = hide[f"detection_rate_eps{e}"]
+        row[f"adv_alarm_eps{e}"] = alarm[f"false_alarm_rate_eps{e}"]
     if errors:
       row["error"] = "; ".join(sorted(set(errors)))
     rows.append(row)
@@ -213,22 +241,31 @@ def summary_rows(methods, results: dict) -> list[dict[str, Any]]:
 
 
 def render_markdown(header: list[str], summary: list[dict], results: dict) -> str:
-  from glad_jax.commands import markdown_table
+  from glad_jax.report import markdown_table
 
   titles = {"standard": "Standard protocol (fit on train, test on test)",
             "rd": "Rd- (randomised pose; paper Table 4)",
             "contamination": "Contaminated training",
-            "adversarial": "PGD attack on the image score (OmniAL)"}
+            "adversarial": "PGD attacks (OmniAL)"}
   parts = ["# Method comparison", "", *header, "", "## Summary", "", markdown_table(summary)]
   for name, res in results.items():
     parts += ["", f"## {titles[name]}", "", markdown_table(res.rows)]
+    if name == "adversarial":
+      from glad_jax.robustness.protocols import adversarial_tables
+
+      adv_titles = {"pixel": "pixel AP / AUROC under the pixel PGD (OmniAL Tables 8-9; "
+                             "'<e>t' = targeted)",
+                    "hide": "hide the defect: only anomalous images attacked",
+                    "false-alarm": "false alarm: only good images attacked"}
+      for key, table in adversarial_tables(res).items():
+        parts += ["", f"### {adv_titles[key]}", "", markdown_table(table)]
   return "\n".join(parts) + "\n"
 
 
 def _write(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(f".{path.name}.tmp")  # no half-written result on interruption
-  tmp.write_text(text)
-  os.replace(tmp, path)
+  from glad_jax.report import write_text
+
+  write_text(path, text)  # no half-written result on interruption
 
 
 class _Progress:
@@ -256,10 +293,10 @@ class _Progress:
 
 def run(args) -> tuple[str, dict]:
   """Runs the requested protocols; returns (Markdown report, JSON-able dict)."""
-  from glad_jax.commands import load_records
   from glad_jax.config import GLADConfig
+  from glad_jax.evaluation import load_records
   from glad_jax.robustness import protocols as P
-  from glad_jax.robustness.adversarial import PGDConfig
+  from glad_jax.robustness.adversarial import AttackSuiteConfig
 
   unknown = [p for p in args.protocols if p not in PROTOCOLS]
   if unknown or not args.protocols:
@@ -281,7 +318,7 @@ def run(args) -> tuple[str, dict]:
   t0 = time.perf_counter()
   if "standard" in args.protocols:
     results["standard"] = P.run_standard(methods, train.images, test, batch_size=args.batch_size,
-                                         keep_fitted="adversarial" in args.protocols, **common)
+                                         **common)
   clean = results.get("standard")
   if "rd" in args.protocols:
     results["rd"] = P.run_rd(methods, train.images, test, n_versions=args.rd_versions,
@@ -291,11 +328,15 @@ def run(args) -> tuple[str, dict]:
         methods, train.images, test, sizes=args.contamination, batch_size=args.batch_size,
         clean=clean, **common)
   if "adversarial" in args.protocols:
-    pgd = PGDConfig(epsilons=tuple(e / 255.0 for e in args.epsilons), steps=args.pgd_steps)
-    fitted = None if clean is None else clean.details.pop("fitted", None)
-    results["adversarial"] = P.run_adversarial(methods, train.images, test, pgd=pgd,
-                                               batch_size=args.pgd_batch_size, fitted=fitted,
-                                               **common)
+    # Refitted inside (a holdout of the training images calibrates each method), so the
+    # standard protocol's fitted models are not reused.
+    attacks = AttackSuiteConfig(
+        pixel_epsilons=tuple(e / 255.0 for e in args.epsilons),
+        targeted_epsilon=None if args.targeted_epsilon < 0 else args.targeted_epsilon / 255.0,
+        image_epsilons=tuple(e / 255.0 for e in args.image_epsilons), steps=args.pgd_steps,
+        fpr=args.fpr, holdout=args.holdout)
+    results["adversarial"] = P.run_adversarial(methods, train.images, test, attacks=attacks,
+                                               batch_size=args.pgd_batch_size, **common)
   progress.bars.close()
   seconds = time.perf_counter() - t0
   n_bad = int(np.sum(test.labels))

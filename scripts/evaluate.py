@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from glad_jax import commands
+from glad_jax import evaluation, report
 from glad_jax.config import GLADConfig
 from glad_jax.data import elpv, mvtec
 from glad_jax.model import GLAD
@@ -74,22 +74,22 @@ def evaluate_category(category: mvtec.Category, config: GLADConfig, args, log) -
   if args.max_train and len(train) > args.max_train:
     train = train[:args.max_train]
   log(f"{category.name}: {len(train)} training images, {len(held)} held-out good, {len(category.test)} test")
-  train_batch = commands.load_records(train, config.image_size)
-  held_batch = commands.load_records(held, config.image_size)
+  train_batch = evaluation.load_records(train, config.image_size)
+  held_batch = evaluation.load_records(held, config.image_size)
   t0 = time.perf_counter()
   model, k_scores = fit_with_k_selection(config, train_batch.images, held_batch.images, args.k_candidates, log)
   fit_seconds = time.perf_counter() - t0
   model.calibrate(held_batch.images, fpr=args.fpr)
-  test_batch = commands.load_records(category.test, config.image_size)
-  result, pred = commands.evaluate(model, test_batch, batch_size=args.batch_size)
+  test_batch = evaluation.load_records(category.test, config.image_size)
+  result, pred = evaluation.evaluate(model, test_batch, batch_size=args.batch_size)
   row = {"category": category.name, "n_train": len(train), **result, "fit_seconds": fit_seconds,
          "K_initial": model.config.n_components,
-         "K_kept": "/".join(str(layer.mixture.n_components) for layer in model.layers.values()),
+         "K_kept": "/".join(str(layer.model.n_components) for layer in model.layers.values()),
          "model_MB": model.model_size_bytes() / 2**20}
   if k_scores:
     row["K_heldout_loglik"] = {str(k): round(v, 4) for k, v in k_scores.items()}
   if args.out:
-    commands.write_report(pathlib.Path(args.out) / category.name, category.name, model, test_batch, row, pred)
+    report.write_report(pathlib.Path(args.out) / category.name, category.name, model, test_batch, row, pred)
   return row
 
 
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
   for arg in args.data:
     for category in categories_from(arg, args.seed, elpv_subset):
       rows.append(evaluate_category(category, config, args, log))
-      log(commands.markdown_table([{k: v for k, v in rows[-1].items() if k != "K_heldout_loglik"}]))
+      log(report.markdown_table([{k: v for k, v in rows[-1].items() if k != "K_heldout_loglik"}]))
   keys = ("image_auroc", "pixel_auroc", "aupro", "fit_seconds", "inference_ms_per_image")
   mean = {"category": "mean"}
   for key in keys:
@@ -140,14 +140,14 @@ def main(argv=None) -> int:
             + (f" (chosen among {args.k_candidates} on held-out good images)" if args.k_candidates else "")
             + f", layers {','.join(config.layers)}, align {config.align}, mask {config.mask}"
             + (f", max_samples {config.max_samples}" if config.max_samples else ""))
-  table = f"{header}\n\n{commands.markdown_table(table_rows)}\n"
+  table = f"{header}\n\n{report.markdown_table(table_rows)}\n"
   print(table)
   if args.out:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(table)
-    (out / "results.json").write_text(json.dumps({"config": vars(args) | {"k_candidates": args.k_candidates},
-                                                  "rows": rows, "mean": mean}, indent=2, default=str))
+    report.write_text(out / "results.md", table)
+    report.write_text(out / "results.json", json.dumps({"config": vars(args) | {"k_candidates": args.k_candidates},
+                                                        "rows": rows, "mean": mean}, indent=2, default=str))
   return 0
 
 

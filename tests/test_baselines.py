@@ -119,7 +119,7 @@ def _maha_ref(x, mean, inv):
 
 
 def test_mahaad_matches_numpy(train, test_feats):
-  config = bl.MahaADConfig(sigma=0.0)
+  config = bl.MahaADConfig(layers=LAYERS, sigma=0.0)
   state = bl.fit_mahaad(train, config)
   scores, maps = bl.score_mahaad(state, test_feats, out_size=8)
   tr, te = _f64(train), _f64(test_feats)
@@ -145,7 +145,7 @@ def test_mahaad_matches_numpy(train, test_feats):
 
 def test_mahaad_without_shrinkage_is_sample_covariance(train, test_feats):
   # d = 5..7 < N = 24: the ML covariance is invertible, no shrinkage needed.
-  state = bl.fit_mahaad(train, bl.MahaADConfig(shrinkage=False, sigma=0.0))
+  state = bl.fit_mahaad(train, bl.MahaADConfig(layers=LAYERS, shrinkage=False, sigma=0.0))
   scores, _ = bl.score_mahaad(state, test_feats, out_size=8)
   ref = 0.0
   for name in LAYERS:
@@ -154,6 +154,35 @@ def test_mahaad_without_shrinkage_is_sample_covariance(train, test_feats):
     ref = ref + _maha_ref(_f64(test_feats)[name].mean(axis=(1, 2)), pooled.mean(0), inv)
   np.testing.assert_allclose(scores, ref, rtol=2e-4)
   assert all(float(r) == 0.0 for r in state.shrinkage.values())
+
+
+def test_mahaad_default_is_every_stage_summed():
+  """The paper's MahaAD: a Ledoit-Wolf Gaussian on the pooled features of EVERY stage, image
+  score = sum of the (unsquared) Mahalanobis distances; sklearn's LedoitWolf as the oracle."""
+  assert bl.MahaADConfig().layers == ("layer1", "layer2", "layer3", "layer4")
+  for backbone in ("efficientnet_lite0", "wide_resnet50_2_aa", "resnet_tiny"):
+    assert mahaad.mahaad_layers(backbone) == ("layer1", "layer2", "layer3", "layer4")
+    assert bl.MahaADConfig.for_backbone(backbone, sigma=1.0) == bl.MahaADConfig(sigma=1.0)
+  rng = np.random.default_rng(11)
+  shapes = {"layer1": (4, 4, 3), "layer2": (2, 2, 5), "layer3": (2, 2, 6), "layer4": (1, 1, 8)}
+  def feats(n):
+    return {k: (rng.normal(size=(n, *shp)) * np.linspace(0.5, 2.0, shp[-1])).astype(np.float32)
+            for k, shp in shapes.items()}
+  train, test = feats(30), feats(4)
+  state = bl.fit_mahaad(train)  # default config: all four stages
+  scores, maps = bl.score_mahaad(state, test, out_size=4)
+  assert maps.shape == (4, 4, 4)
+  ref = np.zeros(4)
+  for name in shapes:
+    lw = LedoitWolf().fit(np.asarray(train[name], np.float64).mean(axis=(1, 2)))
+    ref += _maha_ref(np.asarray(test[name], np.float64).mean(axis=(1, 2)), lw.location_,
+                     np.linalg.inv(lw.covariance_))
+    np.testing.assert_allclose(state.shrinkage[name], lw.shrinkage_, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(scores, ref, rtol=2e-4)
+  with pytest.raises(ValueError, match=r"has no layer 'layer4'"):
+    bl.fit_mahaad({k: v for k, v in train.items() if k != "layer4"})
+  with pytest.raises(ValueError, match=r"unknown backbone 'nope'"):
+    mahaad.mahaad_layers("nope")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +337,7 @@ def test_patchcore_full_bank_and_projection_shapes(train):
 # ---------------------------------------------------------------------------------------------
 
 _SMALL = {
-    "mahaad": bl.MahaADConfig(),
+    "mahaad": bl.MahaADConfig(layers=LAYERS),
     "padim": bl.PadimConfig(n_features=12),
     "patchcore": bl.PatchcoreConfig(coreset_ratio=0.5),
 }
@@ -386,4 +415,4 @@ def test_invalid_inputs_raise(train, fitted):
     bl.nearest_neighbors(np.zeros((2, 4)), np.zeros((3, 4)), k=5)
   with pytest.raises(ValueError, match=r"not positive definite"):
     bl.fit_mahaad({k: np.zeros_like(v) for k, v in train.items()},
-                  bl.MahaADConfig(shrinkage=False))
+                  bl.MahaADConfig(layers=LAYERS, shrinkage=False))

@@ -57,7 +57,7 @@ def test_compare_end_to_end_writes_every_method_and_protocol(compare, category, 
   out = tmp_path / "out"
   methods = ["glad", "mahaad", "patchcore"]
   rc = compare.main([str(category), *TINY, "--methods", *methods, "--rd-versions", "1",
-                     "--contamination", "2,40", "--epsilons", "2", "--pgd-steps", "1",
+                     "--contamination", "2,40", "--epsilons", "2", "--image-epsilons", "4", "--pgd-steps", "1",
                      "--max-test", "10", "--out", str(out)])
   assert rc == 0
   printed = capsys.readouterr().out
@@ -68,7 +68,8 @@ def test_compare_end_to_end_writes_every_method_and_protocol(compare, category, 
   assert [r["method"] for r in data["summary"]] == methods
   columns = ["image_auroc", "pixel_auroc", "aupro", "fit_s", "inference_ms", "size_mb",
              "rd_normal", "rd_auroc", "rd_diff", "c2_auroc", "c2_drop", "c40_auroc", "c40_drop",
-             "adv_clean", "adv_eps2"]
+             "adv_pixel_ap", "adv_pixel_ap_eps2", "adv_pixel_ap_eps8t", "adv_hide_det_eps4",
+             "adv_alarm_eps4"]
   for row in data["summary"]:
     assert "error" not in row
     for col in columns:

@@ -154,3 +154,48 @@ def test_covariances_property():
   rng = np.random.default_rng(4)
   w, mu, covs = _random_mixture(rng, 2, 3)
   np.testing.assert_allclose(_mixture(w, mu, covs).covariances, covs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("d", [1, 6, 24])
+def test_packed_log_joint_matches_scipy(d):
+  """Packed features (each pair once, one matmul) give the float64 log pi_k + log N(x; k)."""
+  rng = np.random.default_rng(7)
+  w, mu, covs = _random_mixture(rng, 6, d, cond=20.0)
+  w[2] = 0.0                                     # a masked component
+  x, _ = _samples(rng, mu, covs, 50)
+  x = x - x.mean(0)                              # the fitters centre their data
+  mu = mu - x.mean(0)
+  mix = _mixture(w, mu, covs)
+  xj = jnp.asarray(x, jnp.float32)
+  feats = np.asarray(g.packed_features(xj), np.float64)
+  rows, cols = g.packed_pairs(d)
+  assert feats.shape == (50, g.packed_size(d)) == (50, d * (d + 1) // 2 + d + 1)
+  assert {(i, j) for i, j in zip(rows, cols)} == {(i, j) for i in range(d) for j in range(i, d)}
+  np.testing.assert_allclose(feats[:, :len(rows)], x[:, rows] * x[:, cols], rtol=1e-5, atol=1e-6)
+  lj = np.asarray(jax.jit(lambda m, x: g.joint_scorer(m)(x))(mix, xj))
+  ref = np.stack([np.log(w[k]) + multivariate_normal(mu[k], covs[k]).logpdf(x)
+                  if w[k] > 0 else np.full(len(x), -np.inf) for k in range(6)], axis=1)
+  live = w > 0
+  np.testing.assert_allclose(lj[:, live], ref[:, live], rtol=1e-4, atol=3e-3)
+  assert np.all(lj[:, 2] == -np.inf)
+  wp, bp = g.log_joint_params(mix, packed=True)
+  np.testing.assert_allclose(np.asarray(g.packed_features(xj) @ wp + bp)[:, live], ref[:, live],
+                             rtol=1e-4, atol=3e-3)
+
+
+def test_best_component_is_the_first_argmax_and_logsumexp_matches_scipy():
+  from scipy.special import logsumexp
+  rng = np.random.default_rng(8)
+  s = rng.normal(size=(200, 37)).astype(np.float32) * 5
+  s[:, 30:] = -np.inf                            # masked components
+  s[7, [3, 11, 20]] = 100.0                      # exact ties: the first index wins
+  s[8, :] = -np.inf                              # no live component at all
+  z, best = jax.jit(g.best_component)(jnp.asarray(s))
+  np.testing.assert_array_equal(np.asarray(z), np.argmax(s, axis=1))
+  np.testing.assert_array_equal(np.asarray(best), np.max(s, axis=1))
+  assert int(z[7]) == 3
+  lse = np.asarray(jax.jit(g.logsumexp_from_max)(jnp.asarray(s), best))
+  with np.errstate(divide="ignore"):
+    ref = logsumexp(s.astype(np.float64), axis=1)
+  np.testing.assert_allclose(lse[np.isfinite(ref)], ref[np.isfinite(ref)], rtol=1e-6)
+  assert lse[8] == -np.inf

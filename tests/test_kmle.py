@@ -10,8 +10,11 @@ from scipy.optimize import linear_sum_assignment
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
-from glad_jax.mixture import GaussianMixture, KMLEConfig, fit_kmle, kmle_init, kmle_step
-from glad_jax.mixture.kmle import SufficientStats, _resize, cluster_moments, m_step
+from glad_jax.mixture import (EMConfig, GaussianMixture, KMLEConfig, fit_em, fit_kmle, kmle_init,
+                              kmle_step)
+from glad_jax.mixture.fit import resize_mixture
+from glad_jax.mixture import kmle
+from glad_jax.mixture.kmle import SufficientStats, cluster_moments, m_step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,7 +59,8 @@ def _ref_step(w, mu, cov, x, *, use_oas, reg, min_size=2):
     s = (c - new_mu[j]).T @ (c - new_mu[j]) / len(c)     # Eq. 3
     new_cov[j] = (_eq9(s, len(c)) if use_oas else s) + reg * np.eye(d)
   new_w /= new_w.sum()                                   # Eq. 2, over the clusters kept
-  stats = dict(counts=counts, loglik=logsumexp(lj, axis=1).mean(), class_loglik=lj.max(1).mean())
+  stats = dict(counts=counts, loglik=logsumexp(lj, axis=1).mean(), class_loglik=lj.max(1).mean(),
+               labels=z)
   return (new_w, new_mu, new_cov), stats
 
 
@@ -285,11 +289,11 @@ def test_resize_keeps_live_components_first():
   mix = GaussianMixture(weights=jnp.asarray([0.5, 0.0, 0.2, 0.0, 0.3]),
                         means=jnp.arange(10.0).reshape(5, 2),
                         cov_chol=jnp.tile(2 * jnp.eye(2), (5, 1, 1)))
-  small = _resize(mix, 4)
+  small = resize_mixture(mix, 4)
   np.testing.assert_array_equal(small.weights, np.float32([0.5, 0.2, 0.3, 0.0]))
   np.testing.assert_array_equal(small.means, [[0, 1], [4, 5], [8, 9], [0, 0]])
   np.testing.assert_array_equal(small.cov_chol[3], np.eye(2))
-  big = _resize(mix, 7)
+  big = resize_mixture(mix, 7)
   assert big.n_components == 7 and float(jnp.sum(big.weights > 0)) == 3
 
 
@@ -328,6 +332,8 @@ _X = np.random.default_rng(0).normal(size=(40, 3))
     (_X, KMLEConfig(n_components=2, chunk_size=0), r"chunk_size must be a positive integer or None"),
     (_X, KMLEConfig(n_components=2, bucket=0), r"bucket must be a positive integer"),
     (_X, KMLEConfig(n_components=2, init_sample_size=0), r"init_sample_size must be a positive"),
+    (_X, KMLEConfig(n_components=2, label_tol=1.0), r"label_tol must be None or in \[0, 1\), got 1.0"),
+    (_X, KMLEConfig(n_components=2, label_tol=-0.1), r"label_tol must be None or in \[0, 1\), got -0.1"),
     (np.array([["a", "b"]] * 3), KMLEConfig(n_components=1), r"x must hold real numbers, got dtype <U1"),
     (np.ones((5, 2)), KMLEConfig(n_components=2), r"x has zero variance"),
 ])
@@ -351,3 +357,81 @@ def test_all_components_dropped_is_reported():
   x, _ = _planted(0, sizes=_SIZES)      # no cluster can reach 1000 samples
   with pytest.raises(ValueError, match=r"every component was dropped .*min_cluster_size=1000"):
     fit_kmle(x, KMLEConfig(n_components=3, min_cluster_size=1000), jax.random.key(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# the assignment pass (Eq. 1) against a brute-force float64 argmax
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("d", [3, 24, 40, 66])   # packed layout up to 48, bands above
+def test_assignment_pass_labels_are_the_float64_argmax(d):
+  """Labels == float64 argmax of log pi_k + log N(u; k) on every sample whose top two scores are
+  apart by more than float32 rounding; on near-ties (planted: a component duplicated with its
+  mean moved by 1e-4) the label is one of the tied components, and exact duplicates go to the
+  first; padding rows get K."""
+  rng = np.random.default_rng(d)
+  k, n = 12, 1000
+  means = rng.normal(size=(k, d)) * 2 / np.sqrt(d)
+  a = rng.normal(size=(k, d, d)) / np.sqrt(d)
+  covs = a @ np.swapaxes(a, 1, 2) + 0.3 * np.eye(d)
+  w = rng.uniform(0.5, 1.5, k)
+  means[5], covs[5], w[5] = means[4] + 1e-4, covs[4], w[4]       # near-tie with 4
+  means[9], covs[9], w[9] = means[8], covs[8], w[8]               # exact duplicate of 8
+  w[11] = 0.0                                                     # masked
+  w /= w.sum()
+  z = rng.integers(0, k - 1, n)
+  x = means[z] + np.einsum("nij,nj->ni", np.linalg.cholesky(covs[z]), rng.normal(size=(n, d)))
+  xj, mask = _with_junk_rows(x - x.mean(0))   # centred, as in the fitters, plus 53 padding rows
+  mix = _mixture(w, means - x.mean(0), covs)
+  xj = jnp.pad(xj, ((0, 1088 - xj.shape[0]), (0, 0)))
+  mask = jnp.pad(mask, (0, 1088 - mask.shape[0]))
+  labels, ll, cl = jax.jit(functools.partial(kmle.assignment_pass, chunk_size=64))(mix, xj, mask)
+  labels = np.asarray(labels)
+  np.testing.assert_array_equal(labels[n:], k)
+  ref = _log_joint64(w, means - x.mean(0), covs, x - x.mean(0))
+  top2 = np.sort(ref, axis=1)[:, -2:]
+  clear = top2[:, 1] - top2[:, 0] > 1e-3 * (1 + np.abs(top2[:, 1]))
+  np.testing.assert_array_equal(labels[:n][clear], np.argmax(ref, axis=1)[clear])
+  tied = ~clear
+  assert tied.sum() > 50                         # the planted near-ties are exercised
+  # a near-tie goes to a component within rounding of the best; never to a masked one
+  gap = ref.max(1) - ref[np.arange(n), labels[:n]]
+  assert np.all(gap[tied] <= 1e-3 * (1 + np.abs(top2[tied, 1])))
+  assert not np.any(labels == 9) and not np.any(labels == 11)    # duplicates: the first wins
+  np.testing.assert_allclose(float(cl), ref.max(1).sum(), rtol=1e-5)
+  np.testing.assert_allclose(float(ll), logsumexp(ref, axis=1).sum(), rtol=1e-5)
+
+
+def test_label_change_and_the_label_stopping_rule_follow_the_numpy_transcription():
+  """FitInfo.label_change is the fraction of samples whose component changed (components keep
+  their identity through the K buckets' compaction); label_tol stops at the first iteration
+  whose change is at most label_tol, with the model of the reference after that many steps."""
+  x, _ = _planted(2, sizes=_SIZES)
+  cfg = KMLEConfig(n_components=20, bucket=1)          # K shrinks: rows are compacted at once
+  reg = cfg.reg_covar * x.var(0).mean()
+  init = kmle_init(jax.random.key(0), jnp.asarray(x - x.mean(0), jnp.float32), 20, reg_covar=reg)
+  init = init.replace(means=init.means + x.mean(0))
+  params, changes, previous = _to_np(init), [], None
+  for _ in range(8):
+    params, stats = _ref_step(*params, x, use_oas=True, reg=reg)
+    z = stats["labels"]
+    changes.append(1.0 if previous is None else float(np.mean(z != previous)))
+    previous = z
+  mix, info = fit_kmle(x, cfg.replace(max_iter=8), init=init)
+  assert info.converged and len(info.label_change) == info.n_iter
+  assert info.n_live[0] < 20                           # rows were dropped and compacted
+  np.testing.assert_allclose(info.label_change, changes[:info.n_iter], atol=0.5 / len(x))
+  label_tol = 0.02
+  stop = next(i for i in range(1, 8) if changes[i] <= label_tol)   # 0-based iteration
+  assert stop + 1 < info.n_iter                        # earlier than the paper's rule here
+  early, info_e = fit_kmle(x, cfg.replace(max_iter=8, label_tol=label_tol), init=init)
+  assert info_e.converged and info_e.n_iter == stop + 1
+  w_ref, mu_ref, _ = _ref_fit(*_to_np(init), x, use_oas=True, reg=reg, tol=0.0,
+                              max_iter=stop + 1)
+  w, mu, _ = _to_np(early)
+  rows, cols = linear_sum_assignment(((mu[:, None] - mu_ref[None]) ** 2).sum(-1))
+  np.testing.assert_allclose(w[rows], w_ref[cols], atol=1e-6)
+  np.testing.assert_allclose(mu[rows], mu_ref[cols], atol=1e-3)
+  _, info_em = fit_em(x, EMConfig(n_components=5, max_iter=3), jax.random.key(0))
+  assert info_em.label_change == ()

@@ -1,4 +1,7 @@
-"""GLAD(config) end to end on a tiny backbone: fit / score / calibrate / save / load, ablations, errors."""
+"""GLAD(config) end to end on a tiny backbone: fit / score / calibrate / save / load, ablations, errors.
+
+The module-scoped `fitted` model is never changed by a test: tests that calibrate work on `fitted.copy()`.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +67,7 @@ def test_batch_size_does_not_change_scores(fitted, data):
 def test_save_load_round_trip_gives_identical_scores(fitted, data, tmp_path):
   _, good, bad, _ = data
   images = np.concatenate([good, bad])
-  fitted.calibrate(good, fpr=0.25)
+  fitted = fitted.copy().calibrate(good, fpr=0.25)
   fitted.save(tmp_path / "ck")
   loaded = GLAD.load(tmp_path / "ck")
   assert loaded.config == fitted.config
@@ -84,7 +87,10 @@ def test_save_load_round_trip_gives_identical_scores(fitted, data, tmp_path):
 
 def test_calibrated_thresholds_hold_their_false_positive_rate(fitted, data):
   _, good, bad, _ = data
-  fitted.calibrate(good, fpr=0.25)
+  assert fitted.image_threshold is None and fitted.pixel_threshold is None
+  original = fitted
+  fitted = fitted.copy().calibrate(good, fpr=0.25)
+  assert original.image_threshold is None  # the shared fixture is left as it was
   pred = fitted.score(good)
   assert np.mean(pred.image_labels) <= 0.25 + 1e-9
   assert np.mean(pred.pixel_masks) <= 0.25 + 1e-3
@@ -174,3 +180,60 @@ def test_maps_are_returned_in_the_input_frame(data):
   assert GLAD(GLADConfig(backbone="resnet_tiny")).aligner() is None
   with pytest.raises(ValueError, match="no reference image"):
     GLAD(GLADConfig(backbone="resnet_tiny", align="similarity")).aligner()
+
+
+def test_fit_reports_plan_and_global_done_events_and_fit_info(data):
+  events = []
+  config = GLADConfig(backbone="resnet_tiny", image_size=64, n_components=4, max_iter=5, layers=("layer1", "layer2"),
+                      max_samples=500)
+  model = GLAD(config).fit(data[0][:4], progress=lambda stage, info: events.append((stage, dict(info))))
+  plans = [info for stage, info in events if stage == "plan"]
+  dones = [info for stage, info in events if stage == "global_done"]
+  # layer1: 4 images x 16 x 16 positions = 1024 vectors, capped at 500; layer2: 4 x 8 x 8 = 256, all used.
+  assert [(p["layer"], p["n_vectors"], p["n_used"], p["reason"]) for p in plans] == [
+      ("layer1", 1024, 500, "max_samples cap"), ("layer2", 256, 256, "all")]
+  assert [d["layer"] for d in dones] == ["layer1", "layer2"]
+  for d in dones:
+    info = model.fit_info[d["layer"]]
+    assert (d["n_components"], d["n_iter"], d["converged"]) == (info.n_components, info.n_iter, info.converged)
+    assert d["seconds"] >= 0
+  stages = [stage for stage, _ in events]
+  # Each layer: plan, then its global iterations, then global_done, then the local fit.
+  first = stages.index("plan")
+  assert stages[first + 1] == "global" and stages.index("global_done") < stages.index("local")
+  assert model.fit_info["layer1"].global_reason == "max_samples cap"
+  assert model.fit_info["layer2"].global_reason == "all"
+
+
+def test_state_is_the_whole_model(fitted, data, tmp_path):
+  """A facade rebuilt from `model.state` alone scores identically; the score function of an old state is not
+  changed by calibrating a copy (no compiled cache goes stale)."""
+  from glad_jax.methods import GLADState
+
+  _, good, bad, _ = data
+  images = np.concatenate([good, bad])
+  assert isinstance(fitted.state, GLADState) and fitted.state.config == fitted.config
+  rebuilt = GLAD.from_state(fitted.state, extractor=fitted.extractor)
+  np.testing.assert_array_equal(rebuilt.score(images).image_scores, fitted.score(images).image_scores)
+  fn = fitted.score_fn()
+  before = np.asarray(fn(images)[0])
+  calibrated = fitted.copy().calibrate(good, fpr=0.25)
+  assert np.isfinite(float(calibrated.state.image_threshold)) and np.isnan(float(fitted.state.image_threshold))
+  np.testing.assert_array_equal(np.asarray(fn(images)[0]), before)
+  np.testing.assert_array_equal(np.asarray(calibrated.score_fn()(images)[0]), before)
+  with pytest.raises(TypeError, match="state must be a GLADState"):
+    GLAD.from_state({"layers": {}})
+
+
+def test_old_checkpoint_format_asks_to_refit(fitted, tmp_path):
+  import json
+
+  fitted.save(tmp_path / "ck")
+  header = tmp_path / "ck" / "glad_checkpoint.json"
+  meta = json.loads(header.read_text())
+  meta["format_version"] = 1
+  header.write_text(json.dumps(meta))
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    GLAD.load(tmp_path / "ck")
+  message = str(e.value)
+  assert "format version 1" in message and "Refit the model" in message and "\n" not in message

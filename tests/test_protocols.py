@@ -14,8 +14,9 @@ from sklearn.metrics import roc_auc_score
 from glad_jax.baselines import MahaADConfig, fit_mahaad, score_mahaad
 from glad_jax.config import GLADConfig
 from glad_jax.data.mvtec import ImageBatch
+from glad_jax.model import GLAD
 from glad_jax.robustness import protocols as P
-from glad_jax.robustness.adversarial import PGDConfig
+from glad_jax.robustness.adversarial import AttackSuiteConfig
 
 S = 64
 # One layer, K = 4 and a sample cap keep the number of distinct compiled shapes small.
@@ -76,15 +77,18 @@ def test_method_registry_follows_table_1():
                    "glad-layer1+layer3", "glad-layer2+layer3", "mahaad", "padim", "patchcore"]
   by_name = {m.name: m for m in P.default_methods(cfg)}
   changed = lambda m: {f.name for f in dataclasses.fields(cfg)  # noqa: E731
-                       if getattr(m.glad, f.name) != getattr(cfg, f.name)}
-  assert changed(by_name["glad-global"]) == {"local"} and not by_name["glad-global"].glad.local
+                       if getattr(m.config, f.name) != getattr(cfg, f.name)}
+  assert all(by_name[n].method == "glad" for n in names if n.startswith("glad"))
+  assert changed(by_name["glad-global"]) == {"local"} and not by_name["glad-global"].config.local
   assert changed(by_name["glad-em"]) == {"algorithm"}
   assert changed(by_name["glad-no-oas"]) == {"use_oas"}
   assert by_name["glad-layer2+layer3"].layers == ("layer2", "layer3")
   assert by_name["patchcore"].layers == ("layer2", "layer3")  # PatchCore's paper layers
-  assert by_name["padim"].layers == by_name["mahaad"].layers == cfg.layers
+  assert by_name["padim"].layers == cfg.layers
+  # MahaAD as its paper defines it: every stage of the backbone, not GLAD's layers.
+  assert by_name["mahaad"].layers == ("layer1", "layer2", "layer3", "layer4")
   # A one-layer config has no layer-subset ablation; a global-only one no 'glad-global'.
-  one = [m.name for m in P.glad_ablations(CFG.replace(local=False))]
+  one = [m.name for m in P.method_variants("glad", CFG.replace(local=False))]
   assert one == ["glad-em", "glad-no-oas"]
   with pytest.raises(ValueError, match=r"unknown method\(s\) \['glad-xl'\]; known: glad, "):
     P.select_methods(cfg, ["glad", "glad-xl"])
@@ -92,16 +96,30 @@ def test_method_registry_follows_table_1():
     P.select_methods(cfg, ["glad", "glad"])
 
 
+def test_a_registered_method_joins_every_comparison(monkeypatch):
+  """The protocols iterate the registry: registering a method adds its row (and compare.py's name)."""
+  from glad_jax import methods
+
+  monkeypatch.setitem(methods._REGISTRY, "mahaad-copy", methods.get_method("mahaad")._replace(name="mahaad-copy"))
+  names = [m.name for m in P.default_methods(CFG)]
+  assert names[-1] == "mahaad-copy"
+  (m,) = P.select_methods(CFG, ["mahaad-copy"])
+  assert (m.method, m.config) == ("mahaad-copy", MahaADConfig.for_backbone(CFG.backbone))
+
+
 def test_methods_must_share_the_extractor(data, extractor):
-  other = P.glad_method(CFG.replace(image_size=96))
+  other = P.variant("glad", CFG.replace(image_size=96))
   with pytest.raises(ValueError, match="is configured for backbone 'resnet_tiny' at 96 px but the "
                                        "shared extractor is 'resnet_tiny' at 64 px"):
     P.run_standard([other], *data, extractor=extractor)
-  with pytest.raises(ValueError, match="baseline_config must be a PadimConfig, got NoneType"):
-    P.run_standard([P.Method("padim", baseline="padim")], *data, extractor=extractor)
-  deep = P.glad_method(CFG.replace(layers=("layer3",)))
+  with pytest.raises(ValueError, match="method 'padim': config must be a PadimConfig, got NoneType"):
+    P.run_standard([P.Variant("padim", "padim", None)], *data, extractor=extractor)
+  with pytest.raises(ValueError, match="unknown method 'padim2'; known methods: glad, mahaad"):
+    P.run_standard([P.Variant("padim", "padim2", None)], *data, extractor=extractor)
+  deep = P.variant("glad", CFG.replace(layers=("layer3",)))
+  glad_only = P.make_extractor(CFG, [P.variant("glad", CFG)])  # layer2 only (MahaAD adds all)
   with pytest.raises(ValueError, match=r"uses layer\(s\) \['layer3'\] that the shared extractor"):
-    P.run_standard([deep], *data, extractor=extractor)
+    P.run_standard([deep], *data, extractor=glad_only)
 
 
 def test_protocol_inputs_are_validated(data, methods, extractor):
@@ -116,8 +134,12 @@ def test_protocol_inputs_are_validated(data, methods, extractor):
     P.run_rd(methods, train, test, extractor=extractor, n_versions=0)
   with pytest.raises(ValueError, match=r"sizes must be non-negative integers, got \(-1,\)"):
     P.run_contamination(methods, train, test, extractor=extractor, sizes=(-1,))
-  with pytest.raises(ValueError, match=r"PGDConfig.epsilons must be a non-empty tuple"):
-    P.run_adversarial(methods, train, test, extractor=extractor, pgd=PGDConfig(epsilons=()))
+  with pytest.raises(ValueError, match=r"AttackSuiteConfig.fpr should be in \(0, 1\), got 0.0"):
+    P.run_adversarial(methods, train, test, extractor=extractor,
+                      attacks=AttackSuiteConfig(fpr=0.0))
+  with pytest.raises(ValueError, match=r"holds out 7 of the 8 training images .* fewer than 2"):
+    P.run_adversarial(methods, train, test, extractor=extractor,
+                      attacks=AttackSuiteConfig(holdout=0.9))
   with pytest.raises(ValueError, match="ImageBatch"):
     P.run_standard(methods, train, test.images, extractor=extractor)
 
@@ -134,11 +156,12 @@ def test_standard_rows_and_failed_method(data, methods, extractor, standard):
     assert 0.0 <= r["pixel_auroc"] <= 1.0 and 0.0 <= r["aupro"] <= 1.0
     assert r["fit_s"] > 0 and r["inference_ms"] > 0 and r["size_mb"] > 0
     assert (r["n_train"], r["n_test"]) == (8, 12)
-  # MahaAD's size: mean (d,), precision factor (d, d), shrinkage (), float32, d = 16 channels.
-  assert standard.row("mahaad")["size_mb"] == pytest.approx(4 * (16 + 16 * 16 + 1) / 1e6)
+  # MahaAD's size: per stage mean (d,), precision factor (d, d), shrinkage (), float32; every
+  # stage of the tiny backbone (d = 8, 16, 32, 64 channels).
+  assert standard.row("mahaad")["size_mb"] == pytest.approx(
+      sum(4 * (d + d * d + 1) for d in (8, 16, 32, 64)) / 1e6)
   # A method that cannot be fitted (sample covariance, N = 8 < d = 16) is reported, not fatal.
-  broken = P.Method("mahaad-raw", baseline="mahaad",
-                    baseline_config=MahaADConfig(layers=("layer2",), shrinkage=False))
+  broken = P.Variant("mahaad-raw", "mahaad", MahaADConfig(layers=("layer2",), shrinkage=False))
   res = P.run_standard([broken, methods[1]], train, test, extractor=extractor)
   assert "not positive definite" in res.row("mahaad-raw")["error"]
   assert res.row("mahaad")["image_auroc"] == pytest.approx(standard.row("mahaad")["image_auroc"])
@@ -151,9 +174,10 @@ def test_glad_end_to_end_matches_glad_own_scoring(data, standard):
   fitted = standard.details["fitted"]["glad"]
   assert any(int(layer.local.n_tiles) * layer.local.tile_size > np.count_nonzero(
       np.isfinite(np.asarray(layer.local.tile_log_weight)))
-      for layer in fitted.model.layer_models().values())  # there is padding to get wrong
-  ref = fitted.model.score_features(fitted.model.extractor(test.images))
-  scores, maps = fitted.jitted(fitted.params, fitted.state, jnp.asarray(test.images))
+      for layer in fitted.state.layers.values())  # there is padding to get wrong
+  extractor = P.make_extractor(CFG, [fitted.variant])
+  ref = GLAD.from_state(fitted.state, extractor=extractor).score_features(extractor(test.images))
+  maps, scores = fitted.jitted(fitted.params, fitted.state, jnp.asarray(test.images))
   np.testing.assert_allclose(scores, ref.image_scores, rtol=1e-5, atol=1e-4)
   np.testing.assert_allclose(maps, ref.anomaly_maps, rtol=1e-5, atol=1e-4)
 
@@ -207,10 +231,8 @@ def test_contaminated_training_really_uses_the_moved_images(data, methods, extra
     moved, kept = res.details["moved"][n], res.details["kept"][n]
     assert np.intersect1d(moved, kept).size == 0 and np.all(test.labels[moved] == 1)
     # Independent recomputation: MahaAD fitted directly on train + moved images' features.
-    feats = lambda x: extractor(x)["layer2"]  # noqa: E731
-    state = fit_mahaad({"layer2": feats(np.concatenate([train, test.images[moved]]))},
-                       maha.baseline_config)
-    scores = np.asarray(score_mahaad(state, {"layer2": feats(test.images[kept])}, out_size=S)[0])
+    state = fit_mahaad(extractor(np.concatenate([train, test.images[moved]])), maha.config)
+    scores = np.asarray(score_mahaad(state, extractor(test.images[kept]), out_size=S)[0])
     np.testing.assert_allclose(res.details["scores"][n]["mahaad"], scores, rtol=1e-5, atol=1e-5)
     assert r["contaminated_auroc"] == pytest.approx(roc_auc_score(test.labels[kept], scores),
                                                     abs=1e-6)
@@ -222,30 +244,38 @@ def test_contaminated_training_really_uses_the_moved_images(data, methods, extra
 # -------------------------------------------------------------------------------------- adversarial
 
 
-def test_pgd_through_backbone_and_scorer_raises_normal_scores(data, methods, extractor, standard):
+def test_attack_protocol_through_backbone_and_scorer(data, methods, extractor):
   train, test = data
-  eps = 2 / 255
-  # No random start: from the clean image, any change is the gradient's doing.
-  pgd = PGDConfig(epsilons=(eps,), steps=2, random_start=False)
+  attacks = AttackSuiteConfig(pixel_epsilons=(2 / 255,), targeted_epsilon=None,
+                              image_epsilons=(0.0, 2 / 255), steps=2, random_start=False,
+                              holdout=0.25)
   chosen = methods[:2]  # GLAD (sparse local scoring, quantile score) and MahaAD
-  res = P.run_adversarial(chosen, train, test, extractor=extractor, pgd=pgd,
-                          fitted=standard.details["fitted"], batch_size=8)
-  normal = test.labels == 0
-  x = test.images.astype(np.float32) / 255.0
-  noise = np.clip(x + eps * np.sign(np.random.default_rng(1).uniform(-1, 1, x.shape)), 0, 1)
+  res = P.run_adversarial(chosen, train, test, extractor=extractor, attacks=attacks, batch_size=8)
+  fit_index, held_index = P.holdout_split(8, 0.25, seed=0)
+  assert len(held_index) == 2 and np.array_equal(res.details["holdout"], held_index)
+  assert not set(fit_index) & set(held_index)
+  good, bad = test.labels == 0, test.labels == 1
+  tables = P.adversarial_tables(res)
   for m in chosen:
-    fitted = standard.details["fitted"][m.name]
+    rows = [r for r in res.rows if r["method"] == m.name]
+    assert [(r["attack"], r["epsilon"]) for r in rows] == [
+        ("none", 0.0), ("pixel", 2.0), ("hide", 0.0), ("hide", 2.0), ("false-alarm", 0.0),
+        ("false-alarm", 2.0)]
+    assert all((r["n_fit"], r["n_holdout"]) == (6, 2) for r in rows)
     clean = res.details["clean"][m.name]
-    attacked = res.details["attacked"][m.name][eps]
-    np.testing.assert_allclose(clean, standard.details["scores"][m.name], rtol=1e-4, atol=1e-3)
-    assert np.all(np.isfinite(attacked))  # gradients through the sparse scoring are finite
-    # Control: random signs of the same budget barely move the scores; PGD raises every normal
-    # image's score far more. (Anomalous images are pushed down, but on this random-weight
-    # backbone one sign step overshoots the minimum, so their scores are not checked.)
-    control = np.asarray(fitted.jitted(fitted.params, fitted.state, jnp.asarray(noise))[0])
-    gain, noise_gain = (attacked - clean)[normal], np.abs(control - clean)[normal]
-    assert gain.min() > 5 * noise_gain.max(), (m.name, gain, noise_gain)
-    row = res.row(m.name)
-    assert row["clean_auroc"] == pytest.approx(roc_auc_score(test.labels, clean))
-    assert row["auroc_eps2"] == pytest.approx(roc_auc_score(test.labels, attacked))
-    assert row["drop"] == pytest.approx(row["clean_auroc"] - row["auroc_eps2"])
+    assert rows[0]["image_auroc"] == pytest.approx(roc_auc_score(test.labels, clean))
+    # The clean scores are those of the model fitted on the 6 kept images only.
+    fitted = P.fit_method(m, P.featurize(extractor, train[fit_index]), extractor)
+    np.testing.assert_allclose(clean, fitted.score(test.images, batch_size=8).image_scores,
+                               rtol=1e-4, atol=1e-3)
+    hide = res.details["scores"][m.name][("hide", 2.0)]
+    alarm = res.details["scores"][m.name][("false-alarm", 2.0)]
+    assert np.array_equal(hide[good], clean[good]) and np.array_equal(alarm[bad], clean[bad])
+    assert np.all(alarm[good] > clean[good])  # PGD through backbone + scorer raises them
+    assert np.all(np.isfinite(hide))  # gradients through the sparse scoring are finite
+    assert rows[3]["image_auroc"] == pytest.approx(roc_auc_score(test.labels, hide))
+    assert rows[2]["image_auroc"] == rows[0]["image_auroc"]  # budget 0: exactly clean
+    assert rows[1]["pixel_bce"] > rows[0]["pixel_bce"]
+    pixel = {r["method"]: r for r in tables["pixel"]}[m.name]
+    assert pixel["pixel_ap_eps2"] == rows[1]["pixel_ap"]
+    assert pixel["pixel_ap_clean"] == rows[0]["pixel_ap"]

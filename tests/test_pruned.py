@@ -8,8 +8,8 @@ import pytest
 from scipy.stats import multivariate_normal
 
 from glad_jax.mixture import GaussianMixture, KMLEConfig, fit_kmle, kmle_step, pruned
-from glad_jax.mixture.gaussian import log_joint, log_joint_params, precision_cholesky
-from glad_jax.mixture import kmle
+from glad_jax.mixture.gaussian import log_joint, precision_cholesky
+from glad_jax.mixture import fit
 from glad_jax.mixture.kmle import assignment_pass
 from glad_jax.mixture.tiles import tile_layout
 
@@ -121,11 +121,11 @@ def test_pruned_pass_gives_the_dense_labels_and_certifies_them(rank, n_candidate
   xp = jnp.asarray(np.pad(x, ((0, n_pad - n), (0, 0))))
   mask = jnp.arange(n_pad) < n
   basis = pruned.projection_basis(xp, mask, rank)
-  z, ll, cl, n_fallback, _ = jax.jit(pruned.pruned_assignment_pass,
+  z, ll, cl, n_fallback = jax.jit(pruned.pruned_assignment_pass,
                                      static_argnames=("chunk_size", "n_candidates"))(
       mix, basis, xp, mask, chunk_size=cs, n_candidates=n_candidates)
   z_dense, ll_dense, cl_dense = jax.jit(assignment_pass, static_argnames="chunk_size")(
-      log_joint_params(mix), xp, mask, chunk_size=cs)
+      mix, xp, mask, chunk_size=cs)
   z = np.asarray(z)
   np.testing.assert_array_equal(z, np.asarray(z_dense))
   assert np.all(z[n:] == k) and not np.any(z[:n] == 7)
@@ -144,106 +144,48 @@ def test_pruned_pass_gives_the_dense_labels_and_certifies_them(rank, n_candidate
     assert int(n_fallback) < n // 20
 
 
-@pytest.mark.parametrize("assignment, cache", [("pruned", False), ("dense", True),
-                                               ("pruned", True)])
-def test_fast_fits_equal_the_dense_fit(assignment, cache, monkeypatch):
-  """A whole K-MLE fit (OAS, dropped components, K buckets) is the same with projected bounds,
-  with cached candidates, or both."""
+def test_pruned_fit_equals_the_dense_fit():
+  """A whole K-MLE fit (OAS, dropped components, K buckets) is the same with projected bounds."""
   rng = np.random.default_rng(4)
   k, d, n = 24, 12, 3000
   _, means, covs, _ = _mixture(rng, k, d)
   x = _samples(rng, means, covs, n)
   cfg = KMLEConfig(n_components=48, max_iter=12, bucket=16, bound_rank=4, n_candidates=6)
-  monkeypatch.setattr(pruned, "_MOVED_COMPONENTS", 4)   # of K = 48: the bounds decide
-  dense, info_d = fit_kmle(x, cfg.replace(assignment="dense", candidate_cache=False),
-                           jax.random.key(1))
-  fast, info_f = fit_kmle(x, cfg.replace(assignment=assignment, candidate_cache=cache),
-                          jax.random.key(1))
+  dense, info_d = fit_kmle(x, cfg.replace(assignment="dense"), jax.random.key(1))
+  fast, info_f = fit_kmle(x, cfg.replace(assignment="pruned"), jax.random.key(1))
   assert info_d.n_iter == info_f.n_iter and info_d.n_live == info_f.n_live
   assert set(info_d.assignment) == {"dense"} and set(info_d.n_fallback) == {0}
-  full = "pruned" if assignment == "pruned" else "dense"
-  assert info_f.assignment[0] == full
-  if cache:   # every full pass from the second iteration on builds a cache that later ones use
-    assert "cached" in info_f.assignment and info_f.assignment[1] == full
-    assert set(info_f.assignment) == {full, "cached"}
-  else:
-    assert set(info_f.assignment) == {full}
+  assert set(info_f.assignment) == {"pruned"}
+  assert info_d.label_change == info_f.label_change
   # Same labels; the best scores come from another (equally exact) formula: float32 rounding.
   np.testing.assert_allclose(info_f.class_loglik, info_d.class_loglik, rtol=1e-5)
   for a, b in zip(jax.tree_util.tree_leaves(dense), jax.tree_util.tree_leaves(fast)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
-def _moved(mix, rng, scale):
-  """The mixture after a random small move of every mean, covariance and weight."""
-  k, d = mix.means.shape
-  chol = np.asarray(mix.cov_chol, np.float64)
-  chol = np.tril(chol @ (np.eye(d) + scale * rng.standard_normal((k, d, d))))
-  chol *= np.sign(np.diagonal(chol, axis1=1, axis2=2))[:, None, :]
-  w = np.asarray(mix.weights, np.float64) * np.exp(scale * rng.standard_normal(k))
-  return GaussianMixture(weights=jnp.asarray(w / w.sum(), jnp.float32),
-                         means=mix.means + jnp.asarray(scale * rng.standard_normal((k, d)),
-                                                       jnp.float32),
-                         cov_chol=jnp.asarray(chol, jnp.float32))
-
-
-@pytest.mark.parametrize("scale", [0.0, 0.01, 0.3])
-def test_drift_bounds_hold_for_every_non_candidate(scale, monkeypatch):
-  """After the parameters move, no component outside a sample's cached candidates scores above
-  its drift bound at the sample's S (float64 reference), and the cached pass gives the dense
-  labels of the moved mixture; a large move leaves many samples to the dense fallback."""
-  monkeypatch.setattr(pruned, "_MOVED_COMPONENTS", 2)   # of K = 30: the bounds decide
-  rng = np.random.default_rng(7)
-  k, d, n, c = 30, 8, 1024, 5
-  mix, means, covs, _ = _mixture(rng, k, d)
-  x = jnp.asarray(_samples(rng, means, covs, n))
-  mask = jnp.ones(n, bool)
-  first = pruned.dense_candidates_pass(mix, x, mask, chunk_size=256, n_candidates=c)
-  cache = first.cache
-  moved = _moved(mix, rng, scale)
-  bounds = np.asarray(pruned._drift_bounds(cache, moved, pruned.log_norms(moved)))
-  finite = np.isfinite(np.asarray(cache.grid))
-  b = bounds[finite]
-  both = np.isfinite(b[1:]) & np.isfinite(b[:-1])                      # inf: rho_k >= 1
-  assert np.all(np.diff(np.where(np.isfinite(b), b, 0.0), axis=0)[both] >= -1e-4)  # rises with S
-  ref = _scores64(np.asarray(x), moved)
-  others = ref.copy()
-  others[np.arange(n)[:, None], np.asarray(cache.candidates)] = -np.inf
-  bound = bounds[np.asarray(cache.level)]                             # (N, K)
-  assert np.all(others <= bound + 1e-3 * (1 + np.abs(bound)))
-  got = pruned.cached_assignment_pass(moved, cache, x, mask, chunk_size=256)
-  dense, _, cl_dense = assignment_pass(log_joint_params(moved), x, mask, chunk_size=256)
-  np.testing.assert_array_equal(np.asarray(got.labels), np.asarray(dense))
-  np.testing.assert_allclose(float(got.class_loglik), float(cl_dense), rtol=1e-5)
-  if scale == 0.0:
-    assert int(got.n_fallback) < n // 20
-  if scale == 0.3:
-    assert int(got.n_fallback) > n // 4
-
-
 def test_auto_rule_prunes_large_high_dimensional_fits_only():
   cfg = KMLEConfig(n_components=1000)
   big = dict(hard=True, d=112, k=1024, iteration=2, n=50_000)
-  assert kmle._use_pruning(cfg, **big)
-  assert not kmle._use_pruning(cfg, **{**big, "iteration": 1})         # kmle_init's shared covariance
-  assert not kmle._use_pruning(cfg, **{**big, "d": 40})                # bound too loose at low d
-  assert not kmle._use_pruning(cfg, **{**big, "n": 1000})              # not worth its compilation
-  assert not kmle._use_pruning(cfg, **{**big, "hard": False})          # EM has no argmax
-  assert not kmle._use_pruning(cfg, **{**big, "k": 32})                # K <= 2 C
-  assert not kmle._use_pruning(cfg.replace(bound_rank=112), **big)
-  assert not kmle._use_pruning(cfg.replace(assignment="dense"), **big)
-  assert kmle._use_pruning(cfg.replace(assignment="pruned"), **{**big, "d": 8, "iteration": 1})
+  assert fit.use_pruning(cfg, **big)
+  assert not fit.use_pruning(cfg, **{**big, "iteration": 1})         # kmle_init's shared covariance
+  assert not fit.use_pruning(cfg, **{**big, "d": 40})                # bound too loose at low d
+  assert not fit.use_pruning(cfg, **{**big, "n": 1000})              # not worth its compilation
+  assert not fit.use_pruning(cfg, **{**big, "hard": False})          # EM has no argmax
+  assert not fit.use_pruning(cfg, **{**big, "k": 32})                # K <= 2 C
+  assert not fit.use_pruning(cfg.replace(bound_rank=112), **big)
+  assert not fit.use_pruning(cfg.replace(assignment="dense"), **big)
+  assert fit.use_pruning(cfg.replace(assignment="pruned"), **{**big, "d": 8, "iteration": 1})
 
 
 def test_auto_fit_switches_to_pruning_and_kmle_step_accepts_a_basis(monkeypatch):
-  monkeypatch.setattr(kmle, "PRUNE_MIN_DIM", 16)      # the rule, at test-sized fits
-  monkeypatch.setattr(kmle, "PRUNE_MIN_WORK", 0)
+  monkeypatch.setattr(fit, "PRUNE_MIN_DIM", 16)      # the rule, at test-sized fits
+  monkeypatch.setattr(fit, "PRUNE_MIN_WORK", 0)
   rng = np.random.default_rng(5)
   k, n, d = 40, 4000, 24
   _, means, covs, _ = _mixture(rng, k, d, spread=4.0)
   x = _samples(rng, means, covs, n)
-  mix, info = fit_kmle(x, KMLEConfig(n_components=k, max_iter=3, bound_rank=6,
-                                        candidate_cache=False), jax.random.key(0))
+  mix, info = fit_kmle(x, KMLEConfig(n_components=k, max_iter=3, bound_rank=6),
+                       jax.random.key(0))
   assert info.assignment == ("dense", "pruned", "pruned")
   xj = jnp.asarray(x - x.mean(0))
   basis = pruned.projection_basis(xj, jnp.ones(n, bool), 6)
@@ -258,7 +200,6 @@ def test_auto_fit_switches_to_pruning_and_kmle_step_accepts_a_basis(monkeypatch)
     (dict(assignment="fast"), "assignment must be"),
     (dict(bound_rank=0), "bound_rank must be a positive integer"),
     (dict(n_candidates=2.5), "n_candidates must be a positive integer"),
-    (dict(candidate_cache="yes"), "candidate_cache must be True or False"),
 ])
 def test_bad_pruning_settings_are_named(changes, message):
   x = np.random.default_rng(6).standard_normal((100, 3)).astype(np.float32)

@@ -100,3 +100,18 @@ def test_eight_devices_give_the_same_model_as_one(tmp_path):
   for field in ("w", "mu", "cov"):
     np.testing.assert_allclose(r[f"kmle_pruned_single_{field}"], r[f"kmle_single_{field}"],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_place_samples_marks_given_padding_and_to_local_keeps_values():
+  x = np.arange(12.0, dtype=np.float32).reshape(6, 2)
+  mesh = sharding.make_mesh()
+  xd, md = sharding.place_samples(x, mesh, multiple=4, n_valid=4)   # rows 4, 5 are padding
+  assert xd.shape[0] % (4 * sharding.mesh_size(mesh)) == 0
+  np.testing.assert_array_equal(np.asarray(md), np.arange(xd.shape[0]) < 4)
+  np.testing.assert_array_equal(np.asarray(xd)[:6], x)
+  with pytest.raises(ValueError, match=r"n_valid should be in \[0, 6\]"):
+    sharding.place_samples(x, mesh, n_valid=7)
+  tree = {"a": sharding.replicate(jnp.ones((3,)), mesh), "b": 2.0}
+  local = sharding.to_local(tree, mesh)
+  assert local["a"].sharding.device_set == {jax.local_devices()[0]} and local["b"] == 2.0
+  np.testing.assert_array_equal(np.asarray(local["a"]), np.ones(3))

@@ -149,20 +149,11 @@ class FeatureExtractor:
     """
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
       raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    from glad_jax.evaluation import batched
+
     x = as_rgb_batch(images)
-    n = x.shape[0]
-    chunks: dict[str, list[np.ndarray]] = {name: [] for name in self.layers}
-    for start in range(0, n, batch_size):
-      chunk = x[start:start + batch_size]
-      m = chunk.shape[0]
-      if m < batch_size and n > batch_size:
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - m, axis=0)])
-      out = self.apply(self.params, jnp.asarray(chunk))
-      for name in self.layers:
-        chunks[name].append(np.asarray(out[name])[:m])
-      if callback is not None:
-        callback(min(start + batch_size, n), n)
-    return {name: np.concatenate(parts) for name, parts in chunks.items()}
+    return batched(lambda chunk: self.apply(self.params, jnp.asarray(chunk)), x, batch_size,
+                   callback=callback)
 
   def __repr__(self) -> str:
     return (f"FeatureExtractor({self.name!r}, layers={self.layers}, "

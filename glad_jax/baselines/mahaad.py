@@ -1,10 +1,16 @@
-"""MahaAD (Rippel et al., ICPR 2020): one global Gaussian per layer of spatially pooled features.
+"""MahaAD (Rippel et al., ICPR 2020): one global Gaussian per backbone stage of pooled features.
 
 Rippel, Mertens, Merhof, "Modeling the Distribution of Normal Data in Pre-Trained Deep Features
-for Anomaly Detection". Each training image is reduced, per layer, to its spatially averaged
-feature vector; a multivariate Gaussian with a Ledoit-Wolf shrunk covariance is fitted to these
-vectors; an image's score is the sum over layers of the Mahalanobis distances (not squared, as
-in the authors' code) of its pooled vectors.
+for Anomaly Detection". Each training image is reduced, at EVERY stage of the backbone, to its
+globally average-pooled feature vector; a multivariate Gaussian with a Ledoit-Wolf shrunk
+covariance is fitted to these vectors per stage; an image's score is the sum over stages of the
+Mahalanobis distances (not squared, as in the authors' code) of its pooled vectors.
+
+"Every stage": the paper pools the output of each of EfficientNet-B4's nine blocks. Our backbones
+return four stages, 'layer1'..'layer4' (strides 4, 8, 16, 32; see
+`glad_jax.backbones.registry`), so the default is all four (`mahaad_layers`), not GLAD's
+three. (Earlier versions of this module used GLAD's layers 1-3; that variant is
+``MahaADConfig(layers=("layer1", "layer2", "layer3"))``, no longer registered.)
 
 MahaAD is image-level only. For pixel metrics this module also returns a map: every feature
 vector of the (unpooled) grid is scored against its layer's Gaussian, the per-layer distance maps
@@ -21,8 +27,22 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from glad_jax.backbones import registry
 from glad_jax.baselines import common
 from glad_jax.mixture.gaussian import mahalanobis_sq, precision_cholesky
+
+
+# Every spatial stage our backbones return (each registry spec's outputs, minus the classifier).
+MAHAAD_LAYERS = ("layer1", "layer2", "layer3", "layer4")
+
+
+def mahaad_layers(backbone: str) -> tuple[str, ...]:
+  """Every spatial stage that `backbone` returns (its registry outputs, without 'logits').
+
+  Raises:
+    ValueError: for an unknown backbone name (listing the known ones).
+  """
+  return tuple(name for name in registry.get_spec(backbone).outputs if name != "logits")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +50,8 @@ class MahaADConfig:
   """Hyperparameters of MahaAD; the defaults are the paper's where it has one.
 
   Attributes:
-    layers: backbone layers, one Gaussian each (the paper uses every EfficientNet stage).
+    layers: backbone stages, one Gaussian each; the paper uses every stage (default: all four
+      that our backbones return, see `mahaad_layers`).
     shrinkage: Ledoit-Wolf shrinkage of the covariance (paper); False = sample covariance.
     eps: ridge added to the covariance diagonal; guards a singular covariance when `shrinkage`
       is off and N <= d (MahaAD always shrinks, so 0 by default).
@@ -38,13 +59,18 @@ class MahaADConfig:
       pixel metrics of all baselines are comparable); 0 disables it.
   """
 
-  layers: tuple[str, ...] = ("layer1", "layer2", "layer3")
+  layers: tuple[str, ...] = MAHAAD_LAYERS
   shrinkage: bool = True
   eps: float = 0.0
   sigma: float = 4.0
 
   def replace(self, **changes) -> "MahaADConfig":
     return dataclasses.replace(self, **changes)
+
+  @classmethod
+  def for_backbone(cls, backbone: str, **changes) -> "MahaADConfig":
+    """The paper's MahaAD on `backbone`: one Gaussian on every stage it returns."""
+    return cls(**{"layers": mahaad_layers(backbone), **changes})
 
 
 @struct.dataclass

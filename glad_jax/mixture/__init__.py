@@ -1,4 +1,9 @@
-"""Gaussian-mixture math: log-densities (gaussian), OAS shrinkage (oas), K-MLE (kmle), EM (em)."""
+"""Gaussian-mixture math: log-densities (gaussian), OAS shrinkage (oas), K-MLE (kmle), EM (em).
+
+Modules by concern: stats (sufficient statistics, assignment step), mstep (Eq. 2-3, 9), steps
+(one K-MLE / EM iteration), initialization (seeding, input checks), fit (config, driver),
+pruned (certified candidate pruning), budget (sample budget of a fit).
+"""
 
 from glad_jax.mixture.em import EMConfig
 from glad_jax.mixture.em import em_step

@@ -1,7 +1,8 @@
 """EM for the global Gaussian mixture: the paper's ablation alternative to K-MLE (Section 3.1).
 
-Same machinery as `kmle` (chunked, sharded pass over the samples; M-step of Eq. 2-3 with
-optional OAS, Eq. 9; pruning of small components; host driver with bucketed K), with soft
+Same machinery as `kmle` (chunked, sharded pass over the samples, `stats`; M-step of Eq. 2-3
+with optional OAS, Eq. 9, `mstep`; pruning of small components; host driver with bucketed K,
+`fit`), with soft
 responsibilities ``r_ik = pi_k N(u_i; k) / sum_j pi_j N(u_i; j)`` instead of hard assignments:
 counts, sums and second moments are responsibility-weighted (``r^T [u u^T, u, 1]``, one matmul
 per chunk), and OAS uses the soft count ``n_k = sum_i r_ik``. Each sample touches every
@@ -20,9 +21,11 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
+from glad_jax.mixture.fit import Callback, FitInfo, KMLEConfig, fit_mixture
 from glad_jax.mixture.gaussian import GaussianMixture
-from glad_jax.mixture.kmle import (Callback, FitInfo, KMLEConfig, MixtureStats, _pad_for_chunks,
-                                   _step, fit_mixture)
+from glad_jax.mixture.steps import em_step
+
+__all__ = ["EMConfig", "em_step", "fit_em"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,34 +34,8 @@ class EMConfig(KMLEConfig):
 
   The stopping rule monitors the mixture log-likelihood mean_i log sum_k pi_k N(u_i; k), the
   objective EM increases monotonically (without OAS). ``min_cluster_size`` compares with soft
-  counts.
+  counts; ``label_tol`` and the assignment settings do not apply (EM has no labels).
   """
-
-
-def em_step(mixture: GaussianMixture, x: jax.Array, mask: jax.Array | None = None, *,
-            use_oas: bool = True, reg_covar: jax.Array | float = 0.0,
-            min_cluster_size: float = 2, chunk_size: int = 1024
-            ) -> tuple[GaussianMixture, MixtureStats]:
-  """One EM iteration: responsibilities (E-step), Eq. 2-3 with soft counts, OAS, pruning.
-
-  Pure and jittable (`use_oas`, `chunk_size` static).
-
-  Args:
-    mixture: current mixture, K rows (masked rows allowed).
-    x: array of shape (N, d).
-    mask: optional array of shape (N,), bool; False rows are ignored.
-    use_oas: shrink the covariances (Eq. 9) with n = soft count.
-    reg_covar: absolute floor added to the diagonal of every covariance.
-    min_cluster_size: components with a smaller soft count are masked out.
-    chunk_size: samples per chunk of the pass.
-
-  Returns:
-    (new mixture with K rows, `MixtureStats` whose likelihoods are the input mixture's).
-  """
-  x, mask, cs = _pad_for_chunks(x, mask, chunk_size)
-  new, stats, _ = _step(mixture, x, mask, reg_covar, min_cluster_size, hard=False,
-                        use_oas=use_oas, chunk_size=cs)
-  return new, stats
 
 
 def fit_em(x: Any, config: EMConfig = EMConfig(), key: jax.Array | None = None,

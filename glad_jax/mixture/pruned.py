@@ -1,6 +1,6 @@
 """The K-MLE assignment step (Eq. 1) with certified candidate pruning, for high-dimensional features.
 
-The dense pass (`kmle.assignment_pass`) evaluates every component for every sample:
+The dense pass (`stats.assignment_pass`) evaluates every component for every sample:
 (d (d + 1) / 2 + d + 1) K multiply-adds per sample, 6.6 M at d = 112 and K = 1024, 525 M at the
 paper's WideResNet50-2 layer 3 (d = 1024). Yet a sample is won by one of a handful of components.
 This pass finds them with a cheap upper bound of every score, evaluates the few best candidates
@@ -33,31 +33,13 @@ s_k <= U_k <= U_(C), the C-th largest bound, so U_(C) < s* - margin proves that 
 the argmax over all K. Measured on tire's layer 3 (EfficientNet-Lite0, d = 112, K ~ 1000):
 with r = 32 a sample has on average 2.4 components whose bound reaches s* (99 %: 11), so C = 16
 certifies almost every sample at ~10 % of the dense pass's multiply-adds. At d = 24-40 the bound
-needs r close to d and pruning does not pay (`kmle` uses it from d = 64 on, see `KMLEConfig`).
+needs r close to d and pruning does not pay (the fit uses it from d = 64 on, see
+`fit.KMLEConfig`).
 
 The mixture log-likelihood (a diagnostic of K-MLE, not its objective) is the logsumexp over the C
 exactly scored candidates: a lower bound of the logsumexp over all K, short by at most
 log(1 + (K - C) exp(U_(C) - s*)) per certified sample (negligible when certified by a margin of
 tens of nats, which is the typical case).
-
-Candidate cache (drift bounds). Between two iterations the parameters move little, and late in
-a fit hardly at all, so the candidates of a full pass (dense or bounded) stay valid for several
-iterations: a `CandidateCache` keeps each sample's C candidates and an upper bound S of every
-other component's score, both under the parameters theta_0 of that pass. Under the current
-parameters theta, with e = u - mu_k^0, t = c_k^0 - s_k^0(u) = e^T A_k^0 e / 2 >= 0 (c_k the
-log pi_k - (d log 2 pi + log|Sigma_k|) / 2 of s_k, A = Sigma^{-1}), M = L_k^{-1} L_k^0 and
-w = L_k^{-1} (mu_k - mu_k^0), a non-candidate k has
-
-    s_k(u) <= c_k - ||w||^2 / 2 - (1 - rho_k) t + sqrt(2) ||M^T w|| sqrt(t),
-    rho_k = ||M^T M - I||_F,   t >= max(0, c_k^0 - S(u)),
-
-(from e^T A_k e >= (1 - rho_k) e^T A_k^0 e and Cauchy-Schwarz in the frame whitened by L_k^0).
-The right side, maximised over the allowed t, is non-decreasing in S, so it is tabulated once
-per iteration on a grid of S values (`_drift_bounds`). The few components that moved most (small
-clusters change a lot between iterations) are scored for every sample instead, and a sample is
-certified when its best score beats the maximum of the others' bounds at its S. An iteration on
-cached candidates costs the C exact scores per sample, the moved components and a dense pass
-over the few uncertified samples: no K-wide work per sample.
 
 Pure JAX, jittable, no I/O.
 """
@@ -70,8 +52,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from glad_jax.mixture.gaussian import (GaussianMixture, cholesky_log_det, log_joint,
-                                       log_joint_params, precision_cholesky, split_rows)
+from glad_jax.mixture.gaussian import (GaussianMixture, best_component, cholesky_log_det,
+                                       joint_scorer, log_joint, log_joint_params,
+                                       logsumexp_from_max, precision_cholesky, split_rows)
 from glad_jax.mixture.tiles import tile_layout
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -80,13 +63,6 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # smaller; typical certification gaps are tens of nats.
 _MARGIN_ABS = 1e-2
 _MARGIN_REL = 1e-4
-# Points of the grid of S values the drift envelope is tabulated on (quantiles of S).
-_GRID_POINTS = 1024
-# Components whose parameters moved most since the cache was built are scored for every sample
-# (and left out of the drift envelope): small clusters change a lot from one iteration to the
-# next (tire layer 1 at iteration 30: a median ||M^T M - I|| of 1e-6 but 23 components above
-# 0.3 and 7 above 1, which alone would make the envelope useless).
-_MOVED_COMPONENTS = 32
 
 
 def projection_basis(x: jax.Array, mask: jax.Array, rank: int) -> jax.Array:
@@ -235,114 +211,30 @@ def _accurate_sum(v: jax.Array) -> jax.Array:
   return total
 
 
-class CandidateCache(NamedTuple):
-  """Candidates of every sample from a full pass, reusable in later iterations (module docstring).
-
-  Attributes:
-    candidates: int32 array of shape (N, C), each sample's candidates (K: none).
-    layout: their `PairLayout`, built once.
-    level: int32 array of shape (N,), index of the smallest grid value >= the sample's S, the
-      bound of every non-candidate's score under `reference`.
-    grid: array of shape (G,), ascending quantiles of S over the samples (-inf: none).
-    reference: the mixture theta_0 of the full pass.
-    reference_log_norm: its `log_norms`.
-  """
-
-  candidates: jax.Array
-  layout: PairLayout
-  level: jax.Array
-  grid: jax.Array
-  reference: GaussianMixture
-  reference_log_norm: jax.Array
-
-
-def cache_partition_specs(axis: str) -> CandidateCache:
-  """Partition specs of a `CandidateCache` on a 1-D data mesh: per-sample parts split by rows
-  (each device keeps the cache of its own samples and its own grid), the reference replicated."""
-  rows, rep = jax.sharding.PartitionSpec(axis), jax.sharding.PartitionSpec()
-  return CandidateCache(candidates=rows, layout=PairLayout(rows, rows, rows, rows), level=rows,
-                        grid=rows, reference=GaussianMixture(rep, rep, rep),
-                        reference_log_norm=rep)
-
-
-def make_cache(mixture: GaussianMixture, x: jax.Array, mask: jax.Array, candidates: jax.Array,
-               others_bound: jax.Array, layout: PairLayout | None = None) -> CandidateCache:
-  """A `CandidateCache` from the candidates of a full pass under `mixture`.
-
-  Args:
-    mixture: the mixture of the pass (theta_0).
-    x: array of shape (N, d).
-    mask: bool array of shape (N,).
-    candidates: int32 array of shape (N, C); K marks an unused slot.
-    others_bound: array of shape (N,), an upper bound of s_k(u) under `mixture` for every k that
-      is not a candidate of u (-inf if none).
-    layout: the candidates' `pair_layout`, if already built.
-  """
-  n, c = candidates.shape
-  k, d = mixture.means.shape
-  if layout is None:
-    sample = jnp.repeat(jnp.arange(n, dtype=jnp.int32), c)
-    layout = pair_layout(sample, candidates.reshape(-1), k, n, d)
-  bound = jnp.where(mask, others_bound, -jnp.inf)
-  ordered = jnp.sort(bound)
-  grid = ordered[jnp.round(jnp.linspace(0.0, n - 1.0, _GRID_POINTS)).astype(jnp.int32)]
-  level = jnp.minimum(jnp.searchsorted(grid, bound, side="left"), _GRID_POINTS - 1)
-  return CandidateCache(candidates=candidates, layout=layout, level=level.astype(jnp.int32),
-                        grid=grid, reference=mixture, reference_log_norm=log_norms(mixture))
-
-
-def _drift_bounds(cache: CandidateCache, mixture: GaussianMixture,
-                  log_norm: jax.Array) -> jax.Array:
-  """The drift bound of the module docstring of every component at every grid value S: an upper
-  bound of s_k(u) under `mixture` for a non-candidate k of a sample whose S is that grid value;
-  shape (G, K), +inf where it does not exist (rho_k >= 1), -inf for masked components."""
-  ref = cache.reference
-  solve = lambda b: jax.scipy.linalg.solve_triangular(mixture.cov_chol, b, lower=True)  # noqa: E731
-  m = solve(ref.cov_chol)                                             # L^{-1} L0, (K, d, d)
-  eye = jnp.eye(mixture.dim, dtype=m.dtype)
-  gram = jnp.einsum("kji,kjl->kil", m, m, precision=_HIGHEST)
-  rho = jnp.sqrt(jnp.sum(jnp.square(gram - eye), axis=(-2, -1)))     # >= ||M^T M - I||_2
-  w = solve((mixture.means - ref.means)[..., None])[..., 0]           # L^{-1} (mu - mu0)
-  beta = math.sqrt(2.0) * jnp.linalg.norm(jnp.einsum("kji,kj->ki", m, w, precision=_HIGHEST),
-                                          axis=-1)
-  gamma = 0.5 * jnp.sum(jnp.square(w), axis=-1)
-  slope = 1.0 - rho
-  t_star = jnp.square(beta / (2.0 * jnp.maximum(slope, 1e-30)))
-  t = jnp.maximum(jnp.maximum(cache.reference_log_norm[None, :] - cache.grid[:, None],
-                              t_star[None, :]), 0.0)                 # (G, K)
-  g = log_norm - gamma - slope * t + beta * jnp.sqrt(t)
-  live = mixture.weights > 0
-  g = jnp.where(live, jnp.where(slope > 0, g, jnp.inf), -jnp.inf)
-  return jnp.where(jnp.isfinite(cache.grid)[:, None], g, -jnp.inf)   # no non-candidate at all
-
-
-def _most_moved(bounds: jax.Array, grid: jax.Array, n_moved: int) -> jax.Array:
-  """The `n_moved` components whose drift bound rises most above the grid value S, int32 (E,)."""
-  rise = jnp.where(jnp.isfinite(grid)[:, None], bounds - grid[:, None], -jnp.inf)
-  return jax.lax.top_k(jnp.max(rise, axis=0), n_moved)[1].astype(jnp.int32)
-
-
 def _dense_fallback(mixture: GaussianMixture, x: jax.Array, todo: jax.Array, z: jax.Array,
                     best: jax.Array, lse: jax.Array, chunk_size: int):
-  """Dense scores (all K) of the rows where `todo`, in chunks; updates z, best, lse there."""
+  """Dense scores (all K) of the rows where `todo`, in chunks; updates z, best, lse there.
+
+  Same kernel as the dense pass (`gaussian.joint_scorer`, `gaussian.best_component`), so a row
+  gets the label the dense pass would give it."""
   n, d = x.shape
   cs = chunk_size
   n_todo = jnp.sum(todo.astype(jnp.int32))
 
   def redo(state):
     z, best, lse = state
-    w, b = log_joint_params(mixture)
-    w_pieces = split_rows(w, d)
+    score = joint_scorer(mixture)
     rows = jnp.pad(jnp.argsort(~todo, stable=True).astype(jnp.int32), (0, cs))  # todo first
 
     def body(carry):
       i, z, best, lse = carry
       idx = jax.lax.dynamic_slice(rows, (i * cs,), (cs,))
       idx = jnp.where(i * cs + jnp.arange(cs) < n_todo, idx, n)   # n: dropped below
-      lj = log_joint(x.at[idx].get(mode="fill", fill_value=0.0), w_pieces, b)
-      z = z.at[idx].set(jnp.argmax(lj, axis=1).astype(jnp.int32), mode="drop")
-      best = best.at[idx].set(jnp.max(lj, axis=1), mode="drop")
-      lse = lse.at[idx].set(jax.nn.logsumexp(lj, axis=1), mode="drop")
+      lj = score(x.at[idx].get(mode="fill", fill_value=0.0))
+      zi, bi = best_component(lj)
+      z = z.at[idx].set(zi, mode="drop")
+      best = best.at[idx].set(bi, mode="drop")
+      lse = lse.at[idx].set(logsumexp_from_max(lj, bi), mode="drop")
       return i + 1, z, best, lse
 
     _, z, best, lse = jax.lax.while_loop(lambda carry: carry[0] * cs < n_todo, body,
@@ -383,19 +275,17 @@ class Assignment(NamedTuple):
       for dense rows, the candidates for certified ones).
     class_loglik: shape (), sum over valid rows of max_k s_k.
     n_fallback: int32 shape (), valid rows that needed the dense pass.
-    cache: the `CandidateCache` of this pass when asked for, else None.
   """
 
   labels: jax.Array
   loglik: jax.Array
   class_loglik: jax.Array
   n_fallback: jax.Array
-  cache: CandidateCache | None
 
 
 def pruned_assignment_pass(mixture: GaussianMixture, basis: jax.Array, x: jax.Array,
-                           mask: jax.Array, *, chunk_size: int, n_candidates: int,
-                           with_cache: bool = False) -> Assignment:
+                           mask: jax.Array, *, chunk_size: int, n_candidates: int
+                           ) -> Assignment:
   """The assignment step, Eq. 1, exact, with candidates from projected bounds (module docstring).
 
   Args:
@@ -405,7 +295,6 @@ def pruned_assignment_pass(mixture: GaussianMixture, basis: jax.Array, x: jax.Ar
     mask: bool array of shape (N,), False on padding rows.
     chunk_size: rows per chunk of the bound pass and of the dense fallback.
     n_candidates: C, the components scored exactly per sample (static).
-    with_cache: also return the `CandidateCache` of the pass (static).
   """
   n, d = x.shape
   k = mixture.n_components
@@ -426,73 +315,4 @@ def pruned_assignment_pass(mixture: GaussianMixture, basis: jax.Array, x: jax.Ar
   others = others.reshape(n)
   layout = pair_layout(jnp.repeat(jnp.arange(n, dtype=jnp.int32), c), cand.reshape(-1), k, n, d)
   z, best, lse = _candidate_scores(x, layout, cand, mixture, log_norms(mixture))
-  cache = None
-  if with_cache:
-    cache = make_cache(mixture, x, mask, cand, others, layout)
-  return Assignment(*_finish(mixture, x, mask, z, best, lse, ~_certified(best, others), cs),
-                    cache)
-
-
-def dense_candidates_pass(mixture: GaussianMixture, x: jax.Array, mask: jax.Array, *,
-                          chunk_size: int, n_candidates: int) -> Assignment:
-  """The dense assignment step (all K scores of every sample) that also keeps each sample's C
-  best components as a `CandidateCache` (the C-th best score bounds the others)."""
-  n, d = x.shape
-  k = mixture.n_components
-  c = int(n_candidates)
-  cs = min(chunk_size, n)
-  w, b = log_joint_params(mixture)
-  w_pieces = split_rows(w, d)
-
-  def body(_, xb):
-    lj = log_joint(xb, w_pieces, b)
-    values, index = jax.lax.top_k(lj, c)
-    # min, not a slice of top_k's outputs: see `pruned_assignment_pass`.
-    return None, (jnp.argmax(lj, axis=1).astype(jnp.int32), jnp.max(lj, axis=1),
-                  jax.nn.logsumexp(lj, axis=1), index.astype(jnp.int32), values > -jnp.inf,
-                  jnp.min(values, axis=1))
-
-  _, (z, best, lse, cand, cand_ok, others) = jax.lax.scan(body, None, x.reshape(n // cs, cs, d))
-  cand = jnp.where(cand_ok.reshape(n, c) & mask[:, None], cand.reshape(n, c), k)
-  z, best, lse = z.reshape(n), best.reshape(n), lse.reshape(n)
-  cache = make_cache(mixture, x, mask, cand, others.reshape(n))
-  z = jnp.where(mask, z, k).astype(jnp.int32)
-  return Assignment(z, _accurate_sum(jnp.where(mask, lse, 0.0)),
-                    _accurate_sum(jnp.where(mask, best, 0.0)), jnp.zeros((), jnp.int32), cache)
-
-
-def cached_assignment_pass(mixture: GaussianMixture, cache: CandidateCache, x: jax.Array,
-                           mask: jax.Array, *, chunk_size: int) -> Assignment:
-  """The assignment step, Eq. 1, exact, on the candidates of an earlier pass (module docstring).
-
-  Args:
-    mixture: the current mixture, with the rows of `cache.reference` (same K, same order).
-    cache: from an earlier full pass over the same samples.
-    x: array of shape (N, d).
-    mask: bool array of shape (N,).
-    chunk_size: rows per chunk of the dense fallback.
-  """
-  n, d = x.shape
-  k = mixture.n_components
-  cs = min(chunk_size, n)
-  log_norm = log_norms(mixture)
-  z, best, lse = _candidate_scores(x, cache.layout, cache.candidates, mixture, log_norm)
-  bounds = _drift_bounds(cache, mixture, log_norm)
-  moved = _most_moved(bounds, cache.grid, min(_MOVED_COMPONENTS, k))
-  others = jnp.max(bounds.at[:, moved].set(-jnp.inf), axis=1)[cache.level]
-  # The moved components, scored for every sample (those already among its candidates are
-  # left out of the logsumexp: counted once).
-  w, b = log_joint_params(mixture)
-  w_moved = split_rows(w[:, moved], d)
-
-  def body(_, xb):
-    return None, log_joint(xb, w_moved, b[moved])
-
-  _, extra = jax.lax.scan(body, None, x.reshape(n // cs, cs, d))
-  extra = extra.reshape(n, -1)
-  z = jnp.where(jnp.max(extra, axis=1) > best, moved[jnp.argmax(extra, axis=1)], z)
-  best = jnp.maximum(best, jnp.max(extra, axis=1))
-  seen = jnp.any(cache.candidates[:, :, None] == moved[None, None, :], axis=1)
-  lse = jnp.logaddexp(lse, jax.nn.logsumexp(jnp.where(seen, -jnp.inf, extra), axis=1))
-  return Assignment(*_finish(mixture, x, mask, z, best, lse, ~_certified(best, others), cs),
-                    None)
+  return Assignment(*_finish(mixture, x, mask, z, best, lse, ~_certified(best, others), cs))

@@ -1,7 +1,7 @@
 """Grouping of items by key into fixed-size tiles, one key per tile (pure JAX, static shapes).
 
 Used wherever per-item work needs a per-key matrix: the cluster scatter matrices of the M-step
-(`kmle.cluster_moments`: rows grouped by their component) and the exact scores of candidate
+(`stats.cluster_moments`: rows grouped by their component) and the exact scores of candidate
 (sample, component) pairs (`pruned`: pairs grouped by component). Sorting the items by key and
 padding each key's run to whole tiles of T items turns the work into one small batched matmul
 per tile, with the key's d x d matrix read once per tile instead of once per item.

@@ -1,9 +1,12 @@
 """Comparison and robustness protocols over in-memory data (paper Sections 4.2-4.4, OmniAL PGD).
 
-Every protocol compares a list of `Method`s -- GLAD, its ablations of the paper's Table 1
-(global-only, EM instead of K-MLE, no OAS, layer subsets) and the baselines MahaAD, PaDiM and
-PatchCore -- on the SAME backbone features: each image set goes through one shared
-`FeatureExtractor` once (every layer any method needs), and every method fits on those arrays.
+Every protocol compares a list of `Variant`s -- a method of the registry (`glad_jax.methods`: GLAD
+and the baselines MahaAD, PaDiM, PatchCore, and whatever is registered later) under a row name,
+with a configuration; the registry's variants give GLAD's ablations of the paper's Table 1
+(global-only, EM instead of K-MLE, no OAS, layer subsets) -- on the SAME backbone features: each
+image set goes through one shared `FeatureExtractor` once (every layer any method needs), and
+every method fits on those arrays through the registry's uniform ``fit`` and is scored through
+`glad_jax.methods.images_fn` (backbone + the method's ``score``): no method-specific branch.
 
   run_standard       fit on train, score test: image AUROC, pixel AUROC, AUPRO, fit seconds,
                      inference ms per image (backbone + scorer, one jitted function), model MB.
@@ -13,26 +16,28 @@ PatchCore -- on the SAME backbone features: each image set goes through one shar
   run_contamination  N anomalous test images moved into training (`perturb.contaminate`'s rule),
                      removed from the test set; AUROC of the clean and the contaminated model on
                      the same reduced test set, and the drop.
-  run_adversarial    PGD (OmniAL) on the image score, with gradients through the backbone and the
-                     scorer: image AUROC under attack for each budget epsilon.
+  run_adversarial    PGD (OmniAL) with gradients through the backbone and the scorer: pixel AP /
+                     AUROC when the bounded map is attacked against the masks (untargeted and
+                     targeted), and one-sided image attacks ("hide": anomalous images only;
+                     "false-alarm": good images only) as image AUROC and detection / false-alarm
+                     rate at a threshold calibrated on held-out good training images.
 
 Data: training images are a uint8 batch (N, H, W, 3) (or anything `GLAD.fit` accepts), the test
 split an `ImageBatch` (`glad_jax.data.mvtec.load_split`). Images are resized to the extractor's
-input size S; masks to S x S (nearest). Methods whose GLAD config aligns images
-(``align != 'none'``) see images aligned on the first training image, and their test masks are
-warped with the same motions, so maps and masks share a frame (alignment time is excluded from
-the inference time, as in the paper's Table 1). Baselines never align (their papers do not).
+input size S; masks to S x S (nearest). Methods whose config aligns images (a config field
+``align != 'none'``: GLAD's) see images aligned on the first training image by the one jitted
+alignment path (`glad_jax.align.align_to_reference`), and their test masks are warped with the
+same motions, so maps and masks share a frame (alignment time is excluded from the inference
+time, as in the paper's Table 1). Baselines never align (their papers do not).
 
 No printing: progress goes through an optional ``progress(stage, info)`` callback with GLAD's
-stages ('features', 'global', 'local', 'score') plus 'protocol' (info: protocol, step, method,
-done, total).
+stages ('features', 'plan', 'global', 'global_done', 'local', 'score') plus 'protocol' (info:
+protocol, step, method, done, total).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import itertools
 import time
 import zlib
 from pathlib import Path
@@ -41,20 +46,21 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import Partial
 
+from glad_jax import align as align_lib
+from glad_jax import methods as registry
 from glad_jax import metrics
-from glad_jax import scoring
 from glad_jax.backbones import FeatureExtractor
-from glad_jax.baselines import BASELINES, get_baseline, model_size_bytes
-from glad_jax.baselines import MahaADConfig, PadimConfig, PatchcoreConfig
+from glad_jax.baselines import model_size_bytes
 from glad_jax.config import GLADConfig
 from glad_jax.data import perturb
 from glad_jax.data.mvtec import Category, ImageBatch, ImageRecord
-from glad_jax.model import GLAD, Prediction, prepare_images
-from glad_jax.robustness.adversarial import PGDConfig, directions_from_labels, pgd_attack
+from glad_jax.evaluation import Prediction, batched, evaluate
+from glad_jax.model import align_images, prepare_images
+from glad_jax.robustness.adversarial import AttackSuiteConfig, attack_suite, check_suite_config
 
 Progress = Callable[[str, Mapping[str, Any]], None]
-BASELINE_NAMES = ("mahaad", "padim", "patchcore")
 CONTAMINATION_SIZES = (10, 40)  # anomalous images moved into training (robustness suite)
 _MB = 1e6
 
@@ -63,81 +69,61 @@ _MB = 1e6
 
 
 @dataclasses.dataclass(frozen=True)
-class Method:
-  """One row of a comparison: a GLAD configuration or a baseline with its config.
+class Variant:
+  """One row of a comparison: a registered method under a row name, with its configuration.
 
   Attributes:
     name: row label, unique within a comparison (e.g. 'glad', 'glad-global', 'padim').
-    glad: the GLAD configuration, or None for a baseline.
-    baseline: registry name of the baseline ('mahaad', 'padim', 'patchcore'), or None.
-    baseline_config: the baseline's config (its `config_cls` instance).
+    method: registry name of the method (`glad_jax.methods.list_methods()`).
+    config: the method's config (an instance of its ``config_cls``).
   """
 
   name: str
-  glad: GLADConfig | None = None
-  baseline: str | None = None
-  baseline_config: Any = None
+  method: str
+  config: Any
+
+  @property
+  def registered(self) -> registry.Method:
+    return registry.get_method(self.method)
 
   @property
   def layers(self) -> tuple[str, ...]:
-    return tuple(self.glad.layers if self.glad is not None else self.baseline_config.layers)
+    return tuple(self.config.layers)
 
   @property
   def align(self) -> str:
-    return self.glad.align if self.glad is not None else "none"
+    """The motion model the method's images are aligned with ('none' for configs without one)."""
+    return getattr(self.config, "align", "none")
 
 
-def glad_method(config: GLADConfig, name: str = "glad") -> Method:
-  return Method(name, glad=config)
+def variant(method: str, config: GLADConfig, name: str | None = None) -> Variant:
+  """A registered method on the backbone setting of a GLAD config (`Method.config_for`: e.g. PatchCore on
+  the two deepest layers, PaDiM's d' from the backbone), under `name` (default: the method's name)."""
+  m = registry.get_method(method)
+  return Variant(name or method, method, m.config_for(config))
 
 
-def baseline_method(name: str, config: GLADConfig) -> Method:
-  """A baseline on the layers of a GLAD config, with its paper's other defaults.
-
-  MahaAD and PaDiM use every layer of `config.layers` (both use layers 1-3 in their papers,
-  as GLAD); PatchCore its two deepest (paper: layers 2 and 3); PaDiM's d' follows the backbone
-  (`PadimConfig.for_backbone`).
-  """
-  layers = tuple(config.layers)
-  if name == "mahaad":
-    cfg = MahaADConfig(layers=layers)
-  elif name == "padim":
-    cfg = PadimConfig.for_backbone(config.backbone, layers=layers)
-  elif name == "patchcore":
-    cfg = PatchcoreConfig(layers=layers[-2:])
-  else:
-    get_baseline(name)  # raises, listing the known names
-    cfg = BASELINES[name].config_cls(layers=layers)
-  return Method(name, baseline=name, baseline_config=cfg)
-
-
-def glad_ablations(config: GLADConfig) -> tuple[Method, ...]:
-  """The GLAD variants of the paper's Table 1 that share `config`'s backbone features.
-
-  'glad-global' (no local weights), 'glad-em' (EM instead of K-MLE), 'glad-no-oas' (sample
-  covariances), and one 'glad-<layers>' per subset of all but one of `config.layers` (Table 1's
-  layer pairs 1+2, 2+3, 1+3). Variants identical to `config` are left out.
-  """
-  variants = [("glad-global", config.replace(local=False)),
-              ("glad-em", config.replace(algorithm="em")),
-              ("glad-no-oas", config.replace(use_oas=False))]
-  if len(config.layers) > 1:
-    for subset in itertools.combinations(config.layers, len(config.layers) - 1):
-      variants.append(("glad-" + "+".join(subset), config.replace(layers=tuple(subset))))
-  return tuple(Method(name, glad=cfg) for name, cfg in variants if cfg != config)
+def method_variants(method: str, config: GLADConfig) -> tuple[Variant, ...]:
+  """The named variants (ablations) of a registered method on `config` (GLAD: its Table 1 rows)."""
+  base = variant(method, config)
+  m = base.registered
+  return tuple(Variant(name, method, cfg) for name, cfg in m.variants(base.config))
 
 
 def default_methods(config: GLADConfig, *, ablations: bool = True,
-                    baselines: Sequence[str] = BASELINE_NAMES) -> tuple[Method, ...]:
-  """GLAD, optionally its Table 1 ablations, and the baselines, all on `config`'s backbone."""
-  methods = [glad_method(config)]
-  if ablations:
-    methods += glad_ablations(config)
-  return tuple(methods) + tuple(baseline_method(b, config) for b in baselines)
+                    names: Sequence[str] | None = None) -> tuple[Variant, ...]:
+  """Every registered method (or those in `names`) on `config`'s backbone, each followed by its
+  variants when `ablations` (GLAD: glad-global, glad-em, glad-no-oas, glad-<layer subsets>)."""
+  out = []
+  for method in (registry.list_methods() if names is None else names):
+    out.append(variant(method, config))
+    if ablations:
+      out.extend(method_variants(method, config))
+  return tuple(out)
 
 
-def select_methods(config: GLADConfig, names: Sequence[str]) -> tuple[Method, ...]:
-  """Methods by name, in the given order (see `default_methods` for the names).
+def select_methods(config: GLADConfig, names: Sequence[str]) -> tuple[Variant, ...]:
+  """Variants by name, in the given order (see `default_methods` for the names).
 
   Raises:
     ValueError: for an unknown or repeated name, listing the known ones.
@@ -153,7 +139,7 @@ def select_methods(config: GLADConfig, names: Sequence[str]) -> tuple[Method, ..
   return tuple(known[n] for n in names)
 
 
-def make_extractor(config: GLADConfig, methods: Sequence[Method]) -> FeatureExtractor:
+def make_extractor(config: GLADConfig, methods: Sequence[Variant]) -> FeatureExtractor:
   """The shared backbone: `config`'s backbone, weights and image size; every layer any method
   uses."""
   from glad_jax.backbones import create_feature_extractor
@@ -165,7 +151,7 @@ def make_extractor(config: GLADConfig, methods: Sequence[Method]) -> FeatureExtr
                                   seed=config.seed)
 
 
-def _check_methods(methods: Sequence[Method], extractor: FeatureExtractor) -> tuple[Method, ...]:
+def _check_methods(methods: Sequence[Variant], extractor: FeatureExtractor) -> tuple[Variant, ...]:
   methods = tuple(methods)
   if not methods:
     raise ValueError("no method to compare (methods is empty)")
@@ -173,23 +159,24 @@ def _check_methods(methods: Sequence[Method], extractor: FeatureExtractor) -> tu
   if len(set(names)) != len(names):
     raise ValueError(f"method names must be unique, got {names}")
   for m in methods:
-    if (m.glad is None) == (m.baseline is None):
-      raise ValueError(f"method {m.name!r} must have exactly one of glad= or baseline=")
-    if m.baseline is not None:
-      config_cls = get_baseline(m.baseline).config_cls  # raises for an unknown name
-      if not isinstance(m.baseline_config, config_cls):
-        raise ValueError(f"method {m.name!r}: baseline_config must be a {config_cls.__name__}, "
-                         f"got {type(m.baseline_config).__name__} (see baseline_method)")
+    if not isinstance(m, Variant):
+      raise ValueError(f"methods must be Variants (see variant / select_methods), got {type(m).__name__}")
+    config_cls = m.registered.config_cls  # raises for an unknown method
+    if not isinstance(m.config, config_cls):
+      raise ValueError(f"method {m.name!r}: config must be a {config_cls.__name__}, "
+                       f"got {type(m.config).__name__} (see variant)")
     missing = [name for name in m.layers if name not in extractor.layers]
     if missing:
       raise ValueError(f"method {m.name!r} uses layer(s) {missing} that the shared extractor does "
                        f"not compute (it has {extractor.layers}); build it with make_extractor")
-    if m.glad is not None:
-      if m.glad.backbone != extractor.name or m.glad.image_size != extractor.image_size:
-        raise ValueError(
-            f"method {m.name!r} is configured for backbone {m.glad.backbone!r} at "
-            f"{m.glad.image_size} px but the shared extractor is {extractor.name!r} at "
-            f"{extractor.image_size} px: every method must share one backbone")
+    # Configs that name a backbone / image size (GLAD's) must name the shared one.
+    backbone = getattr(m.config, "backbone", extractor.name)
+    size = getattr(m.config, "image_size", extractor.image_size)
+    if backbone != extractor.name or size != extractor.image_size:
+      raise ValueError(
+          f"method {m.name!r} is configured for backbone {backbone!r} at {size} px but the shared "
+          f"extractor is {extractor.name!r} at {extractor.image_size} px: every method must share "
+          "one backbone")
   return methods
 
 
@@ -227,7 +214,8 @@ def featurize(extractor: FeatureExtractor, images: np.ndarray, *, align: str = "
   Args:
     extractor: the shared backbone.
     images: uint8 array of shape (N, S, S, 3), S = extractor.image_size.
-    align: motion model ('none' or a `glad_jax.align` model).
+    align: motion model ('none' or a `glad_jax.align` model); aligned by `align_images`, the
+      jitted path that fitting and scoring use.
     reference: alignment reference (S, S, 3); None = images[0] (a training set).
     masks: optional bool array of shape (N, S, S), warped with the images.
     with_features: False skips the backbone (images only).
@@ -238,12 +226,10 @@ def featurize(extractor: FeatureExtractor, images: np.ndarray, *, align: str = "
     An `ImageSet`.
   """
   if align != "none":
-    from glad_jax import align as align_lib
-
     reference = images[0].copy() if reference is None else reference
-    out = align_lib.align(images, align, reference=reference, masks=masks)
-    images = np.asarray(out.images)
-    masks = None if out.masks is None else np.asarray(out.masks)
+    images, motions = align_images(images, reference, align, batch_size=batch_size)
+    if masks is not None:
+      masks = np.asarray(align_lib.warp_masks(jnp.asarray(masks), jnp.asarray(motions)))
   else:
     reference = None
   feats = None
@@ -293,42 +279,37 @@ def _subset_extractor(extractor: FeatureExtractor, layers: tuple[str, ...]) -> F
                           extractor.dtype, extractor.module.precision)
 
 
-def _glad_apply(extractor_apply, quantile: float, size: tuple[int, int], params, state, images):
-  feats = extractor_apply(params, images)
-  out = scoring.score_unchecked(state["layers"], feats, state["mask"], quantile, size)
-  return out.image_score, out.anomaly_map
-
-
-def _baseline_apply(score_fn, extractor_apply, out_size: int, params, state, images):
-  return score_fn(state, extractor_apply(params, images), out_size)
-
-
 @dataclasses.dataclass
 class FittedMethod:
-  """A fitted method behind one interface.
+  """A fitted variant behind one interface.
 
   Attributes:
-    method: the `Method`.
-    state: pytree of the fitted scorer (GLAD: {'layers': LayerModels, 'mask'}; baselines: state).
+    variant: the `Variant`.
+    method: its registered `glad_jax.methods.Method`.
+    state: the fitted state pytree (``method.fit``'s output).
     apply: pure, differentiable ``apply(params, state, images (B, S, S, 3) uint8 or float in
-      [0, 1]) -> (image scores (B,), anomaly maps (B, S, S))``: backbone + scorer.
+      [0, 1]) -> (anomaly maps (B, S, S), image scores (B,))``: backbone + ``method.score``
+      (`glad_jax.methods.images_fn`; images already aligned).
     params: the backbone's parameters.
     fit_seconds: wall time of the fit on precomputed features (backbone excluded; includes the
       JIT compilation of the fit's functions the first time a shape is seen).
     size_bytes: bytes of the fitted arrays (backbone weights excluded: shared by all methods).
-    model: the `GLAD` object or the baseline state.
     image_size: S, the side of the images and anomaly maps.
   """
 
-  method: Method
+  variant: Variant
+  method: registry.Method
   state: Any
   apply: Callable
   params: Any
   fit_seconds: float
   size_bytes: int
-  model: Any
   image_size: int
   _jitted: Callable | None = None
+
+  @property
+  def name(self) -> str:
+    return self.variant.name
 
   @property
   def jitted(self) -> Callable:
@@ -336,79 +317,48 @@ class FittedMethod:
       self._jitted = jax.jit(self.apply)
     return self._jitted
 
-  def score_features(self, features: Mapping[str, np.ndarray], batch_size: int = 16
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """(image scores (N,), anomaly maps (N, S, S)) of precomputed features {layer: (N, h, w, d)}."""
-    layers = self.method.layers
-    n = next(iter(features.values())).shape[0]
+  def image_fn(self) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
+    """Jitted, differentiable images (B, S, S, 3) -> (maps, image scores) of this fitted state."""
+    fn, params, state = self.jitted, self.params, self.state
+    return lambda images: fn(params, state, images)
 
-    def one(chunk):
-      if self.method.glad is not None:
-        pred = self.model.score_features(chunk)
-        return pred.image_scores, pred.anomaly_maps
-      s, m = get_baseline(self.method.baseline).score(self.model, chunk, out_size=self.image_size)
-      return np.asarray(s), np.asarray(m)
-
-    return _in_chunks(one, {k: features[k] for k in layers}, n, min(batch_size, n))
+  def score_features(self, features: Mapping[str, np.ndarray], batch_size: int = 16) -> Prediction:
+    """Scores and maps of precomputed features {layer: (N, h, w, d)}, in padded chunks."""
+    feats = {k: features[k] for k in self.variant.layers}
+    score = jax.jit(self.method.score)
+    maps, scores = batched(lambda chunk: score(self.state, chunk), feats, batch_size)
+    return Prediction(scores, maps, None, None)
 
   def score(self, images: np.ndarray, *, batch_size: int = 16,
             progress: Progress | None = None) -> Prediction:
-    """End-to-end scores of prepared images (N, S, S, 3) (the interface `commands.evaluate` uses).
+    """End-to-end scores of prepared images (N, S, S, 3) (the interface `evaluation.evaluate` uses).
 
-    Every chunk is padded to `batch_size`, so a warm-up call on one image compiles the shape
-    that the timed call runs.
+    Every chunk is padded to `batch_size`, so a warm-up call on `batch_size` images compiles the
+    shape that the timed call runs.
     """
-    n = images.shape[0]
-
-    def one(chunk):
-      s, m = self.jitted(self.params, self.state, jnp.asarray(chunk))
-      return np.asarray(s), np.asarray(m)
-
-    def cb(done):
-      if progress is not None:
-        progress("score", {"done": done, "total": n})
-
-    scores, maps = _in_chunks(one, images, n, batch_size, callback=cb)
+    fn = self.image_fn()
+    cb = None if progress is None else (
+        lambda done, total: progress("score", {"done": done, "total": total}))
+    maps, scores = batched(lambda chunk: fn(jnp.asarray(chunk)), images, batch_size, callback=cb)
     return Prediction(scores, maps, None, None)
-
-
-def _pad(x, m: int):
-  """Pads the leading axis of x (array or dict of arrays) to m rows by repeating the last row."""
-  if isinstance(x, Mapping):
-    return {k: _pad(v, m) for k, v in x.items()}
-  if x.shape[0] == m:
-    return x
-  return np.concatenate([x, np.repeat(x[-1:], m - x.shape[0], axis=0)])
-
-
-def _in_chunks(fn, x, n: int, batch: int, callback=None) -> tuple[np.ndarray, np.ndarray]:
-  """fn over chunks of `batch` rows (the last padded: one compiled shape), outputs trimmed."""
-  outs = []
-  for start in range(0, n, batch):
-    take = (lambda v: v[start:start + batch])
-    chunk = {k: take(v) for k, v in x.items()} if isinstance(x, Mapping) else take(x)
-    m = min(batch, n - start)
-    s, a = fn(_pad(chunk, batch))
-    outs.append((s[:m], a[:m]))
-    if callback is not None:
-      callback(start + m)
-  return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
 
 
 def _method_key(seed: int, name: str) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
-def fit_method(method: Method, train: ImageSet, extractor: FeatureExtractor, *, seed: int = 0,
+def fit_method(method: Variant, train: ImageSet, extractor: FeatureExtractor, *, seed: int = 0,
                progress: Progress | None = None) -> FittedMethod:
-  """Fits one method on precomputed training features.
+  """Fits one variant on precomputed training features through the registry's ``fit``.
 
   Args:
-    method: the `Method`.
-    train: the training `ImageSet` (features of every layer the method uses).
+    method: the `Variant`.
+    train: the training `ImageSet` (features of every layer the method uses; its aligned images and
+      reference are passed on as ``images=`` / ``reference=``).
     extractor: the shared backbone (its parameters make the end-to-end `apply`).
-    seed: seeds the baselines' randomness (GLAD uses its config's seed).
-    progress: optional callback, passed to `GLAD.fit_features`.
+    seed: seeds the fit: key ``fold_in(key(seed), crc32(method name))``, the same for every
+      variant of one registered method (the ablations differ in their config only).
+    progress: optional callback, passed to the fit.
 
   Returns:
     A `FittedMethod`.
@@ -416,29 +366,17 @@ def fit_method(method: Method, train: ImageSet, extractor: FeatureExtractor, *, 
   Raises:
     ValueError: when the method cannot be fitted on these data (e.g. a degenerate covariance).
   """
+  m = method.registered
   size = extractor.image_size
-  apply_fn = _subset_extractor(extractor, method.layers).apply
   feats = {name: train.features[name] for name in method.layers}
   t0 = time.perf_counter()
-  if method.glad is not None:
-    cfg = method.glad
-    model = GLAD(cfg, extractor=extractor)
-    model.fit_features(feats, aligned_images=train.images, progress=progress)
-    seconds = time.perf_counter() - t0
-    model.reference = train.reference
-    state = {"layers": model.layer_models(),
-             "mask": None if model.mask is None else jnp.asarray(model.mask)}
-    apply = functools.partial(_glad_apply, apply_fn, float(cfg.quantile), (size, size))
-    nbytes = model.model_size_bytes()
-  else:
-    baseline = get_baseline(method.baseline)
-    model = baseline.fit(feats, method.baseline_config, _method_key(seed, method.name))
-    jax.block_until_ready(model)
-    seconds = time.perf_counter() - t0
-    state = model
-    apply = functools.partial(_baseline_apply, baseline.score, apply_fn, size)
-    nbytes = model_size_bytes(model)
-  return FittedMethod(method, state, apply, extractor.params, seconds, nbytes, model, size)
+  state = m.fit(feats, method.config, _method_key(seed, method.method), image_size=size,
+                images=train.images, reference=train.reference, progress=progress)
+  jax.block_until_ready(state)
+  seconds = time.perf_counter() - t0
+  apply = registry.images_fn(m, _subset_extractor(extractor, method.layers).apply, align=False)
+  return FittedMethod(method, m, state, apply, extractor.params, seconds, model_size_bytes(state),
+                      size)
 
 
 # --------------------------------------------------------------------------------------- the data
@@ -505,7 +443,7 @@ def _say(progress: Progress | None, protocol: str, step: str, method: str, done:
                           "total": total})
 
 
-def _fit_or_error(method: Method, train: ImageSet, extractor, seed, progress):
+def _fit_or_error(method: Variant, train: ImageSet, extractor, seed, progress):
   try:
     return fit_method(method, train, extractor, seed=seed, progress=progress), None
   except ValueError as e:  # degenerate data for this method: report it, go on with the others
@@ -525,7 +463,7 @@ def _fit_score_all(protocol: str, step: str, methods, train_images, test_images,
       out[m.name] = error
       continue
     test = store.test(test_images, m.align, train_images=train_images)
-    out[m.name] = fitted.score_features(test.features, batch_size)[0]
+    out[m.name] = fitted.score_features(test.features, batch_size).image_scores
   return out
 
 
@@ -536,7 +474,7 @@ def _auroc(labels: np.ndarray, scores) -> float | None:
 # ---------------------------------------------------------------------------------------- standard
 
 
-def run_standard(methods: Sequence[Method], train_images: Any, test: ImageBatch, *,
+def run_standard(methods: Sequence[Variant], train_images: Any, test: ImageBatch, *,
                  extractor: FeatureExtractor, batch_size: int = 16, seed: int = 0,
                  keep_fitted: bool = False, progress: Progress | None = None) -> ProtocolResult:
   """Fits every method on the training images and evaluates it on the test split.
@@ -558,8 +496,6 @@ def run_standard(methods: Sequence[Method], train_images: Any, test: ImageBatch,
     size_mb (fitted arrays, 1 MB = 1e6 bytes), n_train,
     n_test; details['scores'][method] the test image scores, details['labels'].
   """
-  from glad_jax.commands import evaluate
-
   methods = _check_methods(methods, extractor)
   train_images, test = _prepare(train_images, test, extractor.image_size)
   store = _Store(extractor, batch_size, progress)
@@ -611,7 +547,7 @@ def _clean_scores(clean: ProtocolResult | None, methods, n_test: int) -> dict[st
 # -------------------------------------------------------------------------------------------- Rd-
 
 
-def run_rd(methods: Sequence[Method], train_images: Any, test: ImageBatch, *,
+def run_rd(methods: Sequence[Variant], train_images: Any, test: ImageBatch, *,
            extractor: FeatureExtractor, n_versions: int = perturb.N_RD_VERSIONS,
            settings: perturb.RdSettings = perturb.RdSettings(), seed: int = 0,
            batch_size: int = 16, clean: ProtocolResult | None = None,
@@ -698,7 +634,7 @@ def contamination_split(labels: np.ndarray, n: int, *, seed: int = 0,
   return moved, kept
 
 
-def run_contamination(methods: Sequence[Method], train_images: Any, test: ImageBatch, *,
+def run_contamination(methods: Sequence[Variant], train_images: Any, test: ImageBatch, *,
                       extractor: FeatureExtractor, sizes: Sequence[int] = CONTAMINATION_SIZES,
                       seed: int = 0, min_test_anomalous: int = 1, batch_size: int = 16,
                       clean: ProtocolResult | None = None,
@@ -748,13 +684,13 @@ def run_contamination(methods: Sequence[Method], train_images: Any, test: ImageB
         if m.name not in clean_scores:
           fitted, error = _fit_or_error(m, train, extractor, seed, progress)
           clean_scores[m.name] = error if fitted is None else fitted.score_features(
-              test_set.features, batch_size)[0]
+              test_set.features, batch_size).image_scores
         dirty = ImageSet(np.concatenate([train.images, test_set.images[moved]]),
                          {k: np.concatenate([v, test_set.features[k][moved]])
                           for k, v in train.features.items()}, None, train.reference)
         fitted, error = _fit_or_error(m, dirty, extractor, seed, progress)
         results[key][m.name] = error if fitted is None else fitted.score_features(
-            test_set.subset(kept).features, batch_size)[0]
+            test_set.subset(kept).features, batch_size).image_scores
     for m in methods:
       row = {"method": m.name, "n_requested": int(n), "n_moved": int(len(moved)),
              "n_train": int(train_images.shape[0] + len(moved)), "n_test": int(len(kept)),
@@ -778,145 +714,164 @@ def run_contamination(methods: Sequence[Method], train_images: Any, test: ImageB
 # ------------------------------------------------------------------------------------- adversarial
 
 
-def _attack(apply, steps: int, step_size_factor: float, random_start: bool, params, state,
-            images, epsilon, signs, key):
-  """PGD on one chunk; params and state are traced arguments (not constants baked into XLA)."""
-  return pgd_attack(lambda x: apply(params, state, x)[0], images, epsilon, steps=steps,
-                    step_size=step_size_factor * epsilon / steps, direction=signs,
-                    key=key if random_start else None)
+def holdout_split(n: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Seeded split of n training images into (fit, held out) index arrays, both sorted.
 
+  round(fraction * n) images (at least 1) are held out; at least 2 stay for the fit.
 
-def _check_pgd(pgd: PGDConfig) -> None:
-  if not isinstance(pgd, PGDConfig):
-    raise ValueError(f"pgd must be a PGDConfig, got {type(pgd).__name__}")
-  if not pgd.epsilons or any(e < 0 for e in pgd.epsilons):
-    raise ValueError(f"PGDConfig.epsilons must be a non-empty tuple of budgets >= 0 (e.g. "
-                     f"8/255), got {pgd.epsilons}")
-  if isinstance(pgd.steps, bool) or not isinstance(pgd.steps, (int, np.integer)) or pgd.steps < 1:
-    raise ValueError(f"PGDConfig.steps must be a positive integer, got {pgd.steps!r}")
-  if pgd.step_size_factor < 0:
-    raise ValueError(f"PGDConfig.step_size_factor must be >= 0, got {pgd.step_size_factor}")
-
-
-def epsilon_label(epsilon: float) -> str:
-  """Column name of a budget: 'auroc_eps8' for 8/255."""
-  return f"auroc_eps{round(epsilon * 255, 3):g}"
-
-
-def attack_scores(fitted: FittedMethod, images: np.ndarray, labels: np.ndarray, *,
-                  pgd: PGDConfig = PGDConfig(), seed: int = 0, batch_size: int = 8
-                  ) -> tuple[np.ndarray, dict[float, np.ndarray]]:
-  """Clean and attacked image scores of one fitted method (OmniAL's PGD protocol).
-
-  Normal images are pushed up and anomalous ones down (`directions_from_labels`). One
-  compilation serves every chunk and budget (epsilon is traced; the last chunk is padded).
-
-  Args:
-    fitted: a `FittedMethod`.
-    images: uint8 array of shape (N, S, S, 3), prepared (and aligned) as the method expects.
-    labels: array of shape (N,), 0 good / 1 anomalous.
-    pgd: budgets, steps and step-size rule.
-    seed: seeds the random starts (budget i, chunk j: fold_in(fold_in(key, i), j)).
-    batch_size: images attacked at once (bounds the memory of the backward pass).
-
-  Returns:
-    (clean scores (N,), {epsilon: attacked scores (N,)}).
+  Raises:
+    ValueError: when n is too small for both.
   """
-  x = np.asarray(images, np.float32) / 255.0
-  signs = np.asarray(directions_from_labels(labels))
-  n = x.shape[0]
-  b = min(batch_size, n)
-  attack = jax.jit(functools.partial(_attack, fitted.apply, pgd.steps, pgd.step_size_factor,
-                                     pgd.random_start))
-  key = jax.random.key(seed)
-
-  def scores_of(batch):
-    return np.asarray(fitted.jitted(fitted.params, fitted.state, jnp.asarray(batch))[0])
-
-  clean = _in_chunks(lambda c: (scores_of(c), np.zeros(len(c))), x, n, b)[0]
-  attacked = {}
-  for i, eps in enumerate(pgd.epsilons):
-    out = []
-    for j, start in enumerate(range(0, n, b)):
-      m = min(b, n - start)
-      chunk, sign = _pad(x[start:start + b], b), _pad(signs[start:start + b], b)
-      k = jax.random.fold_in(jax.random.fold_in(key, i), j)
-      adv = attack(fitted.params, fitted.state, jnp.asarray(chunk), jnp.float32(eps),
-                   jnp.asarray(sign), k)
-      out.append(scores_of(adv)[:m])
-    attacked[float(eps)] = np.concatenate(out)
-  return clean, attacked
+  n_held = max(1, int(round(fraction * n)))
+  if n - n_held < 2:
+    raise ValueError(f"the attack protocol holds out {n_held} of the {n} training images (holdout "
+                     f"= {fraction}) for the map statistics and the threshold, leaving fewer than "
+                     f"2 to fit on: use more training images")
+  perm = np.random.default_rng(seed).permutation(n)
+  return np.sort(perm[n_held:]), np.sort(perm[:n_held])
 
 
-def run_adversarial(methods: Sequence[Method], train_images: Any, test: ImageBatch, *,
-                    extractor: FeatureExtractor, pgd: PGDConfig = PGDConfig(), seed: int = 0,
-                    batch_size: int = 8, fitted: Mapping[str, FittedMethod] | None = None,
+def run_adversarial(methods: Sequence[Variant], train_images: Any, test: ImageBatch, *,
+                    extractor: FeatureExtractor, attacks: AttackSuiteConfig = AttackSuiteConfig(),
+                    seed: int = 0, batch_size: int = 8,
                     progress: Progress | None = None) -> ProtocolResult:
-  """Image AUROC under PGD attack (OmniAL supp. Section 2), through backbone + scorer.
+  """PGD attacks that measure something (OmniAL supp. Section 2), through backbone + scorer.
+
+  A seeded fraction `attacks.holdout` of the training images is held out; every method is fitted
+  on the rest (so `run_standard`'s fitted models, which saw every training image, are not
+  reused). The held-out good images give each method's map statistics (for the bounded map
+  sigmoid((map - mean) / std)) and its image threshold at `attacks.fpr`; then
+  `glad_jax.robustness.adversarial.attack_suite` runs, with the same random starts for every
+  method: the pixel attack on the bounded map against the masks (untargeted at each
+  `pixel_epsilons`, targeted at `targeted_epsilon`), and the one-sided "hide" (anomalous images
+  only, pushed down) and "false-alarm" (good images only, pushed up) image attacks.
 
   Args:
     methods, train_images, test, extractor, progress: as in `run_standard`.
-    pgd: budgets (default {1, 2, 4, 8}/255), steps (5), step-size rule, random start.
-    seed: seeds the random starts (and the baselines).
-    batch_size: images attacked at once.
-    fitted: optional fitted methods by name (``run_standard(..., keep_fitted=True)``'s
-      details['fitted']); the others are fitted here.
+    attacks: budgets, steps, step size, random start, fpr, holdout fraction.
+    seed: seeds the holdout split, the fits and the random starts.
+    batch_size: images attacked at once (bounds the memory of the backward pass).
 
   Returns:
-    `ProtocolResult` with one row per method: clean_auroc, auroc_eps<e> per budget (e in
-    1/255 units), drop = clean_auroc - the AUROC at the largest budget;
-    details['clean'][method], details['attacked'][method][epsilon]: image scores.
+    `ProtocolResult` with one row per (method, attack, epsilon) (see `attack_suite`; epsilon in
+    1/255 units, attack 'none' = clean, with the threshold), plus 'n_fit' and 'n_holdout';
+    details['scores'][method] the image scores under the one-sided attacks,
+    details['clean'][method] the clean test scores, details['holdout'] the held-out indices.
   """
   methods = _check_methods(methods, extractor)
-  _check_pgd(pgd)
+  check_suite_config(attacks)
   train_images, test = _prepare(train_images, test, extractor.image_size)
-  labels = test.labels
+  fit_index, held_index = holdout_split(train_images.shape[0], attacks.holdout, seed)
+  fit_images, held_images = train_images[fit_index], train_images[held_index]
   store = _Store(extractor, batch_size, progress)
-  fitted = dict(fitted or {})
-  rows, clean_all, attacked_all = [], {}, {}
+  key = jax.random.key(seed)
+  rows, scores, clean = [], {}, {}
+  sizes = {"n_fit": int(fit_index.size), "n_holdout": int(held_index.size)}
   for i, m in enumerate(methods):
     _say(progress, "adversarial", "attack", m.name, i, len(methods))
-    f = fitted.get(m.name)
+    train = store.train(fit_images, m.align)
+    f, error = _fit_or_error(m, train, extractor, seed, progress)
     if f is None:
-      f, error = _fit_or_error(m, store.train(train_images, m.align), extractor, seed, progress)
-      if f is None:
-        rows.append({"method": m.name, "error": error})
-        continue
-    view = store.test(test.images, m.align, train_images=train_images, with_features=False)
-    clean, attacked = attack_scores(f, view.images, labels, pgd=pgd, seed=seed,
-                                    batch_size=batch_size)
-    row = {"method": m.name, "clean_auroc": _auroc(labels, clean)}
-    row.update({epsilon_label(e): _auroc(labels, s) for e, s in attacked.items()})
-    row["drop"] = row["clean_auroc"] - row[epsilon_label(max(pgd.epsilons))]
-    rows.append(row)
-    clean_all[m.name], attacked_all[m.name] = clean, attacked
-  return ProtocolResult(
-      "adversarial", rows,
-      {"epsilons": [float(e) for e in pgd.epsilons], "steps": pgd.steps,
-       "step_size_factor": pgd.step_size_factor, "random_start": pgd.random_start, "seed": seed},
-      {"clean": clean_all, "attacked": attacked_all, "labels": labels})
+      rows.append({"method": m.name, "error": error})
+      continue
+    view = store.test(test.images, m.align, masks=test.masks, train_images=fit_images,
+                      with_features=False)
+    held = featurize(extractor, held_images, align=m.align, reference=train.reference,
+                     with_features=False)
+    # A Partial: the backbone parameters and the fitted state are traced arguments of the
+    # attack's one compilation, not constants baked into it.
+    score_images = Partial(f.apply, f.params, f.state)
+    masks = test.masks if view.masks is None else view.masks
+    try:
+      method_rows, details = attack_suite(score_images, held.images, view.images, test.labels,
+                                          masks, test.has_mask, config=attacks, key=key,
+                                          batch_size=batch_size)
+    except ValueError as e:  # e.g. constant maps on the held-out images: report, go on
+      rows.append({"method": m.name, "error": f"{type(e).__name__}: {e}"})
+      continue
+    rows += [{"method": m.name, **r, **sizes} for r in method_rows]
+    scores[m.name], clean[m.name] = details["scores"], details["clean_scores"]
+  settings = {**dataclasses.asdict(attacks), "seed": seed, **sizes}
+  settings = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+  return ProtocolResult("adversarial", rows, settings,
+                        {"scores": scores, "clean": clean, "labels": test.labels,
+                         "holdout": held_index})
+
+
+def adversarial_tables(result: ProtocolResult) -> dict[str, list[dict[str, Any]]]:
+  """`run_adversarial`'s tidy rows as three wide tables, one row per method.
+
+  Returns:
+    {'pixel': method, then pixel AP and pixel AUROC clean / per budget / targeted;
+     'hide': image AUROC and detection rate clean / per budget;
+     'false-alarm': image AUROC and false-alarm rate clean / per budget}. Values are numbers
+    (None where a metric is undefined); column names carry the budget in 1/255 units.
+  """
+  if result.protocol != "adversarial":
+    raise ValueError(f"adversarial_tables needs a run_adversarial result, got {result.protocol!r}")
+  tables: dict[str, list[dict[str, Any]]] = {"pixel": [], "hide": [], "false-alarm": []}
+  names = list(dict.fromkeys(r["method"] for r in result.rows))
+  for name in names:
+    rows = [r for r in result.rows if r["method"] == name]
+    if any("error" in r for r in rows):
+      for t in tables.values():
+        t.append({"method": name, "error": rows[0]["error"]})
+      continue
+    clean = next(r for r in rows if r["attack"] == "none")
+    label = lambda r: f"{r['epsilon']:g}" + ("t" if r["attack"] == "pixel-targeted" else "")  # noqa: E731
+    pixel = [r for r in rows if r["attack"] in ("pixel", "pixel-targeted")]
+    row = {"method": name}
+    for metric in ("pixel_ap", "pixel_auroc"):
+      row[f"{metric}_clean"] = clean.get(metric)
+      row.update({f"{metric}_eps{label(r)}": r.get(metric) for r in pixel})
+    tables["pixel"].append(row)
+    for attack, rate in (("hide", "detection_rate"), ("false-alarm", "false_alarm_rate")):
+      sided = [r for r in rows if r["attack"] == attack]
+      row = {"method": name, "image_auroc_clean": clean["image_auroc"]}
+      row.update({f"image_auroc_eps{label(r)}": r["image_auroc"] for r in sided})
+      row[f"{rate}_clean"] = clean[rate]
+      row.update({f"{rate}_eps{label(r)}": r[rate] for r in sided})
+      tables[attack].append(row)
+  for table, metrics_ in (("pixel", ("pixel_ap", "pixel_auroc")),
+                          ("hide", ("image_auroc", "detection_rate")),
+                          ("false-alarm", ("image_auroc",))):
+    for row in tables[table]:
+      if "error" not in row:
+        for metric in metrics_:
+          row[f"{metric}_half_at"] = _half_budget(row, metric)
+  return tables
+
+
+def _half_budget(row: Mapping[str, Any], metric: str) -> float | None:
+  """The smallest untargeted budget (1/255 units) at which `metric` falls below half its clean
+  value; None if it never does (or the metric is undefined)."""
+  clean = row.get(f"{metric}_clean")
+  if clean is None:
+    return None
+  prefix = f"{metric}_eps"
+  budgets = sorted(float(k[len(prefix):]) for k in row
+                   if k.startswith(prefix) and not k.endswith("t") and row[k] is not None)
+  return next((e for e in budgets if row[f"{prefix}{e:g}"] < clean / 2), None)
 
 
 __all__ = [
-    "BASELINE_NAMES",
     "CONTAMINATION_SIZES",
     "FittedMethod",
     "ImageSet",
-    "Method",
     "ProtocolResult",
-    "attack_scores",
-    "baseline_method",
+    "Variant",
+    "adversarial_tables",
     "contamination_split",
     "default_methods",
-    "epsilon_label",
     "featurize",
     "fit_method",
-    "glad_ablations",
-    "glad_method",
+    "holdout_split",
     "make_extractor",
+    "method_variants",
     "run_adversarial",
     "run_contamination",
     "run_rd",
     "run_standard",
     "select_methods",
+    "variant",
 ]

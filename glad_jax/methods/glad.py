@@ -1,0 +1,377 @@
+"""GLAD as a registry method: ``fit(features, config, key) -> GLADState``, ``score(state, features)``.
+
+Paper pipeline on backbone features (Fig. 1): per layer, a global mixture (K-MLE + OAS, Eq. 1-3 and 9,
+or EM for the ablation) on a seeded subset of at most ``max_samples`` feature vectors, then local
+weights pi_k(x) on every vector (Eq. 10-12), stored sparsely; scoring is the sparse log-likelihood
+per layer, fused over layers, masked, and minus its q-quantile as the image score (Section 3.3).
+
+`GLADState` holds every array of the fitted model: per layer a `glad_jax.scoring.LayerModel` (the
+global mixture in the precision form scoring reads -- means, precision factors, log-dets,
+log-weights -- and the sparse local weights), the alignment reference, the mask and the calibrated
+thresholds; the configuration is a static field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from glad_jax import align as align_lib
+from glad_jax import local as local_lib
+from glad_jax import online as online_lib
+from glad_jax import scoring
+from glad_jax.config import GLADConfig
+from glad_jax.mixture.gaussian import GaussianMixture
+
+Progress = Callable[[str, Mapping[str, Any]], None]
+
+REASON_ALL = "all"
+REASON_MAX_SAMPLES = "max_samples cap"
+
+
+@dataclasses.dataclass
+class LayerFitInfo:
+  """What the fit of one layer did (for reports, plots and `glad info`)."""
+
+  n_samples: int  # feature vectors of the layer (all training images, all positions)
+  n_samples_global: int  # of which used by the global fit
+  dim: int
+  grid_shape: tuple[int, int]
+  n_components: int  # after pruning
+  n_iter: int
+  converged: bool
+  log_likelihood: list[float]
+  seconds_global: float
+  seconds_local: float
+  mean_nnz: float | None  # mean non-zero local weights per position
+  global_reason: str = REASON_ALL  # why n_samples_global: "all" / "max_samples cap" / "budget"
+
+
+@struct.dataclass
+class GLADState:
+  """A fitted GLAD model as a pytree.
+
+  Attributes:
+    layers: {layer: `scoring.LayerModel`}: the layer's global mixture (means (K, d), precision
+      factors (K, d, d), log-dets (K,), log-weights (K,)) and sparse local weights (None in the
+      global-only ablation).
+    reference: uint8 array of shape (S, S, 3), the alignment reference; None without alignment.
+    mask: bool array of shape (S, S), True where anomalies are looked for; None for no mask.
+    image_threshold: float32 array of shape (), calibrated image threshold; NaN before calibration.
+    pixel_threshold: float32 array of shape (), calibrated pixel threshold; NaN before calibration.
+    config: the `GLADConfig` (static).
+    update_stats: {layer: `glad_jax.online.LayerUpdateStats`}, what `update` needs (per-component
+      counts, means and scatter of the global mixture, local sample totals), computed at fit time;
+      None for a state without them (it cannot be updated).
+    update_history: (`glad_jax.online.UpdateRecord`, ...), one entry per update (static).
+    source_shape: (H, W, C) of the training images before resizing when they all had one shape,
+      else None; updates refuse images of another shape (static).
+  """
+
+  layers: dict[str, scoring.LayerModel]
+  reference: jax.Array | None
+  mask: jax.Array | None
+  image_threshold: jax.Array
+  pixel_threshold: jax.Array
+  config: GLADConfig = struct.field(pytree_node=False)
+  update_stats: dict[str, Any] | None = None
+  update_history: tuple = struct.field(pytree_node=False, default=())
+  source_shape: tuple[int, int, int] | None = struct.field(pytree_node=False, default=None)
+
+  @property
+  def image_size(self) -> int:
+    return int(self.config.image_size)
+
+  @property
+  def aligns(self) -> bool:
+    """True when images are aligned on `reference` before scoring."""
+    return self.config.align != "none" and self.reference is not None
+
+  def align(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """uint8 images (B, S, S, 3) -> (aligned on the reference, motions (B, 3, 3)); pure, jittable."""
+    return align_lib.align_to_reference(self.reference, images, self.config.align)
+
+  def unwarp(self, maps: jax.Array, motions: jax.Array) -> jax.Array:
+    """Maps (B, S, S) in the reference frame -> the input images' frames."""
+    return align_lib.unwarp_maps(maps, motions)
+
+  def mixture(self, layer: str) -> GaussianMixture:
+    """The layer's global mixture in covariance form (weights, means, Cholesky factors of Sigma_k),
+    recovered from the stored precision factors: L_k = P_k^{-T} (float32 rounding)."""
+    lm = self.layers[layer]
+    d = lm.means.shape[-1]
+    eye = jnp.broadcast_to(jnp.eye(d, dtype=lm.prec_chol.dtype), lm.prec_chol.shape)
+    # P_k is upper triangular with Sigma^-1 = P P^T, so L = P^{-T} is lower triangular.
+    inv_p = jax.scipy.linalg.solve_triangular(lm.prec_chol, eye, lower=False)
+    return GaussianMixture(weights=jnp.exp(lm.log_weights), means=lm.means,
+                           cov_chol=jnp.swapaxes(inv_p, -1, -2))
+
+
+def _nan() -> jax.Array:
+  return jnp.full((), jnp.nan, jnp.float32)
+
+
+def threshold_value(x: Any) -> float | None:
+  """A state's threshold as a Python float, None when not calibrated (NaN)."""
+  v = float(np.asarray(x))
+  return None if np.isnan(v) else v
+
+
+# ------------------------------------------------------------------------------------ validation
+
+
+def check_config(c: GLADConfig) -> None:
+  """Raises ValueError naming the first invalid field of a `GLADConfig`."""
+  if not isinstance(c, GLADConfig):
+    raise TypeError(f"config must be a GLADConfig, got {type(c).__name__}")
+  if not c.layers:
+    raise ValueError("config.layers is empty: name at least one backbone layer")
+  if c.n_components < 1:
+    raise ValueError(f"config.n_components must be >= 1, got {c.n_components}")
+  if c.algorithm not in ("kmle", "em"):
+    raise ValueError(f"config.algorithm must be 'kmle' or 'em', got {c.algorithm!r}")
+  if not 0.0 <= c.quantile <= 1.0:
+    raise ValueError(f"config.quantile must be in [0, 1], got {c.quantile}")
+  if c.mask not in ("none", "object", "margin"):
+    raise ValueError(f"config.mask must be 'none', 'object' or 'margin', got {c.mask!r}")
+  if c.align not in ("none",) + align_lib.MODELS:
+    raise ValueError(f"config.align: unknown motion model {c.align!r}")
+  if c.max_samples is not None and c.max_samples < 1:
+    raise ValueError(f"config.max_samples must be None or >= 1, got {c.max_samples}")
+  if c.radius < 0:
+    raise ValueError(f"config.radius must be >= 0, got {c.radius}")
+  if c.backbone_dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"config.backbone_dtype must be 'float32' or 'bfloat16', got {c.backbone_dtype!r}")
+
+
+# ------------------------------------------------------------------------------------------- fit
+
+
+def _as_layer_features(x: Any) -> Any:
+  """Device arrays stay on the device (no host round trip in the fit); anything else becomes NumPy."""
+  return x if isinstance(x, jax.Array) else np.asarray(x)
+
+
+def make_mask(config: GLADConfig, aligned_images: np.ndarray | None) -> np.ndarray | None:
+  """The configured mask: None, the texture margin, or the object mask of the aligned training images."""
+  if config.mask == "none":
+    return None
+  from glad_jax import masks
+
+  if config.mask == "margin":
+    return np.asarray(masks.margin_mask((config.image_size, config.image_size)))
+  return np.asarray(masks.object_mask(np.asarray(aligned_images)))
+
+
+def _fit_layer(feats: Any, c: GLADConfig, key: jax.Array, name: str, mesh, progress: Progress | None
+               ) -> tuple[scoring.LayerModel, LayerFitInfo, Any]:
+  from glad_jax.mixture import em, kmle
+
+  n_images, h, w, d = feats.shape
+  x = feats.reshape(-1, d)
+  n_all = x.shape[0]
+  sub_key, fit_key = jax.random.split(key)
+  reason = REASON_ALL
+  if c.max_samples is not None and n_all > c.max_samples:
+    idx = np.sort(np.asarray(jax.random.choice(sub_key, n_all, (c.max_samples,), replace=False)))
+    x = x[idx]
+    reason = REASON_MAX_SAMPLES
+  k = min(c.n_components, x.shape[0])
+  if progress is not None:
+    progress("plan", {"layer": name, "n_vectors": int(n_all), "n_used": int(x.shape[0]), "reason": reason})
+
+  def cb(iteration, mean_loglik, n_live):
+    if progress is not None:
+      progress("global", {"layer": name, "iteration": iteration, "max_iter": c.max_iter,
+                          "log_likelihood": float(mean_loglik), "components": int(n_live)})
+
+  settings = dict(n_components=k, max_iter=c.max_iter, tol=c.tol, use_oas=c.use_oas)
+  t0 = time.perf_counter()
+  if c.algorithm == "kmle":
+    mixture, info = kmle.fit_kmle(x, kmle.KMLEConfig(**settings), fit_key, mesh=mesh, callback=cb)
+  else:
+    mixture, info = em.fit_em(x, em.EMConfig(**settings), fit_key, mesh=mesh, callback=cb)
+  t1 = time.perf_counter()
+  if progress is not None:
+    progress("global_done", {"layer": name, "n_components": int(mixture.n_components),
+                             "n_iter": int(info.n_iter), "converged": bool(info.converged),
+                             "seconds": t1 - t0})
+  local = None
+  mean_nnz = None
+  if c.local:
+    def local_cb(p):
+      if progress is not None:
+        progress("local", {"layer": name, "done": p.chunk + 1, "total": p.n_chunks})
+
+    # mesh only when given: the local fit's sharded path is optional.
+    extra = {} if mesh is None else {"mesh": mesh}
+    local = local_lib.fit_local_weights(feats, mixture, radius=c.radius, max_iter=c.local_max_iter, tol=c.tol,
+                                        callback=local_cb, **extra)
+    mean_nnz = float(local_lib.sparsity_stats(local).mean_nnz)
+  t2 = time.perf_counter()
+  fit_info = LayerFitInfo(
+      n_samples=int(n_all), n_samples_global=int(x.shape[0]), dim=int(d), grid_shape=(int(h), int(w)),
+      n_components=int(mixture.n_components), n_iter=int(info.n_iter), converged=bool(info.converged),
+      log_likelihood=[float(v) for v in info.loglik], seconds_global=t1 - t0, seconds_local=t2 - t1,
+      mean_nnz=mean_nnz, global_reason=reason)
+  # What an online update needs (glad_jax.online): the final hard assignment's statistics of the
+  # vectors the global fit used, one more assignment pass.
+  update_stats = online_lib.layer_update_stats(mixture, x, n_all=int(n_all), n_images=int(n_images),
+                                               grid_shape=(int(h), int(w)), radius=c.radius,
+                                               local=c.local)
+  return scoring.make_layer_model(mixture, (h, w), local), fit_info, update_stats
+
+
+def fit_with_info(features: Mapping[str, Any], config: GLADConfig, key: jax.Array, *,
+                  image_size: int | None = None, images: np.ndarray | None = None,
+                  reference: np.ndarray | None = None, mesh=None, progress: Progress | None = None
+                  ) -> tuple[GLADState, dict[str, LayerFitInfo]]:
+  """`fit`, also returning what each layer's fit did ({layer: `LayerFitInfo`})."""
+  c = config
+  check_config(c)
+  if image_size is not None and int(image_size) != c.image_size:
+    raise ValueError(f"image_size={image_size} but config.image_size={c.image_size}: GLAD's maps have "
+                     "its configuration's size")
+  missing = [name for name in c.layers if name not in features]
+  if missing:
+    raise ValueError(f"features are missing layer(s) {missing}; got {sorted(features)}")
+  if c.mask == "object" and images is None:
+    raise ValueError("mask='object' needs the aligned training images (images=... / aligned_images=...)")
+  if c.align != "none" and reference is None:
+    raise ValueError(f"config.align={c.align!r} needs the alignment reference (reference=..., the first "
+                     "training image)")
+  layers, infos, update_stats = {}, {}, {}
+  for i, name in enumerate(c.layers):
+    layers[name], infos[name], update_stats[name] = _fit_layer(
+        _as_layer_features(features[name]), c, jax.random.fold_in(key, i), name, mesh, progress)
+  mask = make_mask(c, images)
+  ref = None if c.align == "none" else jnp.asarray(np.asarray(reference, np.uint8))
+  state = GLADState(layers=layers, reference=ref, mask=None if mask is None else jnp.asarray(mask),
+                    image_threshold=_nan(), pixel_threshold=_nan(), config=c, update_stats=update_stats)
+  return state, infos
+
+
+def fit(features: Mapping[str, Any], config: GLADConfig, key: jax.Array, *, image_size: int | None = None,
+        images: np.ndarray | None = None, reference: np.ndarray | None = None, mesh=None,
+        progress: Progress | None = None) -> GLADState:
+  """Fits GLAD on backbone features of good images.
+
+  Args:
+    features: {layer: float32 array (N, h, w, d)} for every layer of ``config.layers`` (NumPy, or
+      device arrays, which stay on the device).
+    config: a `GLADConfig`.
+    key: `jax.random` key; layer i uses ``fold_in(key, i)`` (subsample, then initialisation).
+    image_size: side of the maps; must equal ``config.image_size`` when given.
+    images: the prepared (aligned) training images (N, S, S, 3) uint8: needed for mask='object'.
+    reference: the alignment reference (S, S, 3) uint8: needed when config.align != 'none'.
+    mesh: optional 1-D mesh on which the global (and local) fits shard their samples.
+    progress: optional callback(stage, info): 'plan', 'global', 'global_done', 'local'.
+
+  Returns:
+    A `GLADState` with uncalibrated (NaN) thresholds.
+  """
+  return fit_with_info(features, config, key, image_size=image_size, images=images, reference=reference,
+                       mesh=mesh, progress=progress)[0]
+
+
+# ----------------------------------------------------------------------------------------- score
+
+
+def score(state: GLADState, features: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """Anomaly maps (B, S, S) and image scores (B,) of features {layer: (B, h, w, d)} (Section 3.3).
+
+  Pure and unchecked (jittable, differentiable w.r.t. the features); extra layers are ignored. For
+  validated scoring of user input see `scoring.score` (used by `GLAD.score_features`).
+  """
+  c = state.config
+  feats = {name: features[name] for name in state.layers}
+  out = scoring.score_unchecked(state.layers, feats, state.mask, float(c.quantile),
+                                (c.image_size, c.image_size))
+  return out.anomaly_map, out.image_score
+
+
+def calibrated(state: GLADState, image_scores: np.ndarray, anomaly_maps: np.ndarray,
+               fpr: float) -> GLADState:
+  """The state with thresholds at false-positive rate `fpr` on held-out good images' scores and maps.
+
+  image threshold = the (1 - fpr)-quantile of their image scores; pixel threshold = the (1 - fpr)-quantile
+  of their anomaly-map values inside the mask.
+  """
+  if not 0.0 < fpr < 1.0:
+    raise ValueError(f"fpr must be in (0, 1), got {fpr}")
+  maps = np.asarray(anomaly_maps)
+  values = maps if state.mask is None else maps[:, np.asarray(state.mask)]
+  return state.replace(image_threshold=jnp.float32(np.quantile(np.asarray(image_scores), 1.0 - fpr)),
+                       pixel_threshold=jnp.float32(np.quantile(values, 1.0 - fpr)))
+
+
+# ---------------------------------------------------------------------------------------- update
+
+
+def update_with_info(state: GLADState, features: Mapping[str, Any],
+                     config: online_lib.UpdateConfig = online_lib.UpdateConfig(),
+                     key: jax.Array | None = None
+                     ) -> tuple[GLADState, dict[str, online_lib.LayerUpdateInfo]]:
+  """`update`, also returning what each layer's update did ({layer: `LayerUpdateInfo`})."""
+  if not isinstance(state, GLADState):
+    raise TypeError(f"state must be a GLADState, got {type(state).__name__}")
+  return online_lib.update_state(state, features, config, key)
+
+
+def update(state: GLADState, features: Mapping[str, Any],
+           config: online_lib.UpdateConfig = online_lib.UpdateConfig(), key: jax.Array | None = None
+           ) -> GLADState:
+  """Online update of a fitted state with new good images' features (paper Section 5; `glad_jax.online`).
+
+  Per layer: the global mixture by online K-MLE warm-started from the fit (old statistics as a fixed prior
+  mass, forgetting factor ``config.forgetting``, new components where the new data is poorly explained,
+  components below the minimum size dropped), then the local weights by adding the new images' local counts.
+  Thresholds are kept (recalibrate with `calibrated`); one `UpdateRecord` is appended to
+  ``update_history``.
+
+  Args:
+    state: a `GLADState` with ``update_stats`` (every state fitted by this version has them).
+    features: {layer: float32 array (M', h, w, d)} of the new images, aligned like the training images.
+    config: a `glad_jax.online.UpdateConfig`.
+    key: `jax.random` key (default: from ``config.seed``).
+
+  Returns:
+    The updated `GLADState`.
+  """
+  return update_with_info(state, features, config, key)[0]
+
+
+# ------------------------------------------------------------------------------------ registration
+
+
+def ablations(config: GLADConfig) -> tuple[tuple[str, GLADConfig], ...]:
+  """The GLAD variants of the paper's Table 1 on `config`'s backbone features.
+
+  'glad-global' (no local weights), 'glad-em' (EM instead of K-MLE), 'glad-no-oas' (sample
+  covariances), and one 'glad-<layers>' per subset of all but one of `config.layers` (Table 1's
+  layer pairs). Variants identical to `config` are left out.
+  """
+  variants = [("glad-global", config.replace(local=False)),
+              ("glad-em", config.replace(algorithm="em")),
+              ("glad-no-oas", config.replace(use_oas=False))]
+  if len(config.layers) > 1:
+    for subset in itertools.combinations(config.layers, len(config.layers) - 1):
+      variants.append(("glad-" + "+".join(subset), config.replace(layers=tuple(subset))))
+  return tuple((name, cfg) for name, cfg in variants if cfg != config)
+
+
+def _register() -> None:
+  from glad_jax import methods
+
+  methods.register_method(methods.Method(name="glad", config_cls=GLADConfig, fit=fit, score=score,
+                                         config_for=lambda base: base, variants=ablations))
+
+
+_register()
