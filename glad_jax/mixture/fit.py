@@ -352,7 +352,7 @@ def fit_mixture(x: Any, config: KMLEConfig, key: jax.Array, *, hard: bool,
   final = resize_mixture(mixture, n_live)
   final = final.replace(means=final.means + centre)
   if mesh is not None:
-    final = jax.device_put(final, mesh.devices.flat[0])
+    final = sharding.to_local(final, mesh)  # this process's copy (multi-process safe)
   info = FitInfo(n_iter=len(logliks), converged=converged, loglik=tuple(logliks),
                  mixture_loglik=tuple(mix_ll), class_loglik=tuple(class_ll),
                  n_live=tuple(lives), objective="classification" if hard else "mixture",
