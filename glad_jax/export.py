@@ -15,8 +15,8 @@ with a symbolic batch dimension b (any b >= 1 at run time; S = the model's image
     image_labels       bool    (b,)       image_scores > image_threshold (all False if uncalibrated)
     pixel_masks        bool    (b, S, S)  anomaly_maps > pixel_threshold (all False if uncalibrated)
 
-Inside, the batch runs in chunks of a fixed size (`chunk`, default 8; the remainder one image at a time, in two
-`lax.while_loop`s): the sparse scorer sizes its blocks from the batch size in Python, which a symbolic batch cannot
+Inside, the batch runs in windows of a fixed size (`chunk`, default 8; the last window ends at the last image,
+padded with zero images when b < chunk; one `lax.while_loop`): the sparse scorer sizes its blocks from the batch size in Python, which a symbolic batch cannot
 do, and a fixed chunk also bounds the memory of one call.
 
 File format (format_version 1): a zip archive, written to a temporary file and renamed, holding
@@ -111,7 +111,7 @@ def scorer_fn(model, *, chunk: int = DEFAULT_CHUNK):
 
   Args:
     model: a fitted `glad_jax.model.GLAD`.
-    chunk: fixed inner batch size (the remainder of b / chunk is scored one image at a time).
+    chunk: fixed inner batch size (every window scores exactly `chunk` images).
   """
   import jax
   import jax.numpy as jnp
@@ -121,7 +121,19 @@ def scorer_fn(model, *, chunk: int = DEFAULT_CHUNK):
   if not isinstance(chunk, (int, np.integer)) or chunk < 1:
     raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
   chunk = int(chunk)
-  fused = model.score_fn()
+  model.score_fn()  # validates that the model is fitted
+  from glad_jax import methods
+
+  images_fn = methods.images_fn(methods.get_method("glad"), model.extractor.apply)
+  params, state = model.extractor.params, model.state
+
+  def fused(images):
+    # The parameters become constants of the exported module. The barrier keeps XLA from constant-folding what is
+    # computed from them (the reference pyramid and gradients of the alignment): folded on the host, those round
+    # differently from the compiled kernels that in-process scoring runs, and the iterative alignment amplifies it.
+    p, st = jax.lax.optimization_barrier((params, state))
+    maps, scores = images_fn(p, st, images)
+    return scores, maps
   image_threshold = _optional_float(model.image_threshold)
   pixel_threshold = _optional_float(model.pixel_threshold)
   median = _optional_float(getattr(model, "good_score_median", None))
@@ -129,27 +141,28 @@ def scorer_fn(model, *, chunk: int = DEFAULT_CHUNK):
 
   def fn(images):
     b, rest = images.shape[0], images.shape[1:]
-    # Two dynamic loops: full chunks of `chunk` images, then the remaining b mod chunk images one at a time. Under
-    # export b is symbolic, so the loops' trip counts are values computed from it, and the input is padded by
-    # chunk - 1 images so that every fixed-size window is provably inside it (b >= 1); no padded image is scored.
+    # Every window holds exactly `chunk` images: batched XLA kernels round differently for a batch of one, and
+    # alignment (an iterative solve with a convergence test) amplifies that round-off, so a fixed window size keeps
+    # the scores equal to in-process scoring (which pads its last chunk). Under export b is symbolic: the input is
+    # padded by chunk - 1 zero images (so a window always fits, b >= 1), the trip count is computed from b, and the
+    # last window is moved back to end at b when b >= chunk (it rescores a few images in a full window); the padded
+    # images' outputs are sliced away.
     x = jnp.concatenate([images, jnp.zeros((chunk - 1,) + rest, images.dtype)])
     scores = jnp.zeros((x.shape[0],), jnp.float32)
     maps = jnp.zeros((x.shape[0],) + rest[:2], jnp.float32)
     n = jnp.array(b, jnp.int32)
-    n_full = n // chunk
+    n_windows = (n + chunk - 1) // chunk
+    last_start = jnp.maximum(n - chunk, 0)
 
-    def step(size):
-      def body(carry):
-        start, s, a = carry
-        s_new, a_new = fused(jax.lax.dynamic_slice_in_dim(x, start, size))
-        s = jax.lax.dynamic_update_slice_in_dim(s, s_new.astype(jnp.float32), start, 0)
-        a = jax.lax.dynamic_update_slice_in_dim(a, a_new.astype(jnp.float32), start, 0)
-        return start + size, s, a
-      return body
+    def body(carry):
+      j, s, a = carry
+      start = jnp.minimum(j * chunk, last_start)
+      s_new, a_new = fused(jax.lax.dynamic_slice_in_dim(x, start, chunk))
+      s = jax.lax.dynamic_update_slice_in_dim(s, s_new.astype(jnp.float32), start, 0)
+      a = jax.lax.dynamic_update_slice_in_dim(a, a_new.astype(jnp.float32), start, 0)
+      return j + 1, s, a
 
-    start, scores, maps = jax.lax.while_loop(lambda c: c[0] < n_full * chunk, step(chunk),
-                                             (jnp.int32(0), scores, maps))
-    _, scores, maps = jax.lax.while_loop(lambda c: c[0] < n, step(1), (start, scores, maps))
+    _, scores, maps = jax.lax.while_loop(lambda c: c[0] < n_windows, body, (jnp.int32(0), scores, maps))
     scores, maps = scores[:b], maps[:b]
     if image_threshold is None:
       labels = jnp.zeros(scores.shape, bool)

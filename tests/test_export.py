@@ -52,7 +52,7 @@ def aligned(images):
 @pytest.mark.parametrize("which", ["plain", "aligned"])
 def test_exported_scores_equal_in_process(which, request, images, tmp_path):
   model = request.getfixturevalue(which)
-  test = images[2]  # 5 images: with chunk 2, two full chunks and a remainder of one
+  test = images[2]  # 5 images: with chunk 2, two full windows and a last one that overlaps the second
   path = export_lib.save_exported(model, tmp_path / "m.gladx", ("cpu",), chunk=2)
   scorer = export_lib.load_exported(path)
   ref = model.score(test)
