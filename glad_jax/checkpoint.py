@@ -48,6 +48,22 @@ def _to_numpy_tree(tree: Any) -> Any:
   return jax.tree_util.tree_map(np.asarray, tree)
 
 
+def _this_process_only() -> dict[str, Any]:
+  """Orbax options that let this process save or restore alone.
+
+  In a multi-process run (`glad_jax.distributed`) one process writes the checkpoint of the
+  (replicated) model; Orbax otherwise expects every process at its save barriers and fails.
+  The arrays are host NumPy copies, so no other process holds a part of them.
+  """
+  if jax.process_count() == 1:
+    return {}
+  import orbax.checkpoint as ocp
+
+  me = jax.process_index()
+  return {"multiprocessing_options": ocp.options.MultiprocessingOptions(
+      primary_host=me, active_processes={me})}
+
+
 def _manifest(tree: Mapping[str, Any]) -> dict[str, list]:
   """Flat {path: [shape, dtype]} listing, used to detect truncated or tampered array stores."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
@@ -96,7 +112,7 @@ def save_checkpoint(path: str | os.PathLike, arrays: Mapping[str, Any], metadata
   tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:12]}"
   try:
     if jax.tree_util.tree_leaves(host_arrays):
-      with ocp.StandardCheckpointer() as ckptr:
+      with ocp.StandardCheckpointer(**_this_process_only()) as ckptr:
         ckptr.save(tmp / _ARRAYS_DIR, host_arrays)
         ckptr.wait_until_finished()
     else:  # Orbax refuses an empty tree; a state without arrays keeps an empty array directory
@@ -163,7 +179,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
   if not header["manifest"]:
     return {}, header["metadata"]
   try:
-    with ocp.StandardCheckpointer() as ckptr:
+    with ocp.StandardCheckpointer(**_this_process_only()) as ckptr:
       arrays = ckptr.restore(arrays_dir)
   except Exception as e:  # Orbax/tensorstore raise many types; all mean the same thing to a user.
     raise CheckpointError(f"checkpoint arrays in {arrays_dir} could not be read ({type(e).__name__}: {e})") from None

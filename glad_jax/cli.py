@@ -1,6 +1,7 @@
 """The `glad` command: parses arguments, calls the API (glad_jax.model / data / report), prints results.
 
     glad fit DATA --out checkpoints/NAME      fit on an MVTec-layout category or a folder of good images
+                                              (add --coordinator H:P --num-processes N --process-id I: multi-process)
     glad score CHECKPOINT IMAGES... --out DIR  per-image scores (CSV/JSON) and heat-map PNGs
     glad eval CHECKPOINT DATA [--out DIR]      metrics table on the category's test split
     glad demo [--out DIR] [--quick]            the main job: fit + evaluate on the packaged elpv solar cells
@@ -19,9 +20,16 @@ import os
 import sys
 from typing import Sequence
 
-from glad_jax.config import GLADConfig
+from glad_jax.config import GLADConfig, parse_max_samples
 
 _EXIT_USER_ERROR = 2
+
+
+def _max_samples(text: str):
+  try:
+    return parse_max_samples(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -35,8 +43,13 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
   g.add_argument("--algorithm", choices=("kmle", "em"), default=d.algorithm)
   g.add_argument("--no-oas", action="store_true", help="plain sample covariances instead of OAS shrinkage")
   g.add_argument("--max-iter", type=int, default=d.max_iter)
-  g.add_argument("--max-samples", type=int, default=None,
-                 help="cap on feature vectors per layer used by the global fit (seeded subset)")
+  g.add_argument("--max-samples", type=_max_samples, default=d.max_samples, metavar="auto|all|N",
+                 help="feature vectors per layer used by the global fit: 'all' (default, the paper's fit), "
+                      "'auto' (as many as --fit-budget allows on this machine, measured) or a cap N "
+                      "(seeded subset)")
+  g.add_argument("--fit-budget", type=float, default=d.fit_budget_s, metavar="SECONDS",
+                 help="seconds the global fits of all layers may take with --max-samples auto "
+                      "(default %(default)s)")
   g.add_argument("--global-only", action="store_true", help="ablation: global weights pi_k instead of pi_k(x)")
   g.add_argument("--radius", type=float, default=d.radius, help="disk radius r of the local weights")
   g.add_argument("--quantile", type=float, default=d.quantile, help="q of the image score (default %(default)s)")
@@ -50,12 +63,25 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                       "stays float32; default %(default)s)")
 
 
+def _add_distributed_options(p: argparse.ArgumentParser) -> None:
+  g = p.add_argument_group(
+      "distributed (multi-process fit on jax.distributed: run the same command once per process; each reads "
+      "its block of the sorted training images, process 0 writes the checkpoint; without the flags, "
+      "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID are used when set)")
+  g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                 help="address of process 0's coordinator service, the same for every process")
+  g.add_argument("--num-processes", type=int, default=None, metavar="N", help="number of processes")
+  g.add_argument("--process-id", type=int, default=None, metavar="I", help="this process's index in [0, N)")
+  g.add_argument("--local-devices", type=int, default=None, metavar="D",
+                 help="CPU only: CPU devices per process (default: 1; GPUs: the ones the process sees)")
+
+
 def _config_from_args(args: argparse.Namespace) -> GLADConfig:
   layers = tuple(s.strip() for s in args.layers.split(",") if s.strip())
   return GLADConfig(
       backbone=args.backbone, layers=layers, weights=args.weights, image_size=args.image_size,
       n_components=args.k, algorithm=args.algorithm, use_oas=not args.no_oas, max_iter=args.max_iter,
-      max_samples=args.max_samples, local=not args.global_only, radius=args.radius, quantile=args.quantile,
+      max_samples=args.max_samples, fit_budget_s=args.fit_budget, local=not args.global_only, radius=args.radius, quantile=args.quantile,
       align=args.align, mask=args.mask, seed=args.seed, backbone_dtype=args.backbone_dtype)
 
 
@@ -76,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--on-corrupt", choices=("stop", "skip"), default="stop",
                  help="what to do with an unreadable image (default %(default)s)")
   _add_model_options(p)
+  _add_distributed_options(p)
 
   p = sub.add_parser("score", help="score images with a fitted checkpoint or an exported scorer")
   p.add_argument("checkpoint", help="checkpoint folder, or a file written by `glad export`")

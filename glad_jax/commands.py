@@ -43,6 +43,16 @@ from glad_jax.report import write_rows as _write_rows  # noqa: E402
 
 
 def cmd_fit(args: argparse.Namespace, config: GLADConfig) -> int:
+  """`glad fit DATA --out CKPT`: on this process alone, or as one process of a multi-process fit."""
+  from glad_jax import distributed
+
+  # Checked and started before any other JAX work: the runtime cannot start once a backend has.
+  options = distributed.resolve_options(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
+                                        getattr(args, "process_id", None), getattr(args, "local_devices", None))
+  if options is not None:
+    distributed.initialize(*options)
+    if options.num_processes > 1:
+      return _fit_distributed(args, config)
   from glad_jax.model import GLAD
 
   bars = ProgressBars(not args.quiet)
@@ -58,14 +68,74 @@ def cmd_fit(args: argparse.Namespace, config: GLADConfig) -> int:
     model.calibrate(cal.images, fpr=args.fpr)
   bars.close()
   out = model.save(args.out)
+  _report_fit(model, config)
+  thr = "" if model.image_threshold is None else f"; image threshold {model.image_threshold:.4g} at FPR {args.fpr}"
+  print(f"saved {out} (fit {fit_seconds:.1f} s{thr})")
+  return 0
+
+
+def _fit_distributed(args: argparse.Namespace, config: GLADConfig) -> int:
+  """One process of a multi-process `glad fit` (the runtime is started).
+
+  Every process lists the same sorted training and held-out images and takes its block of each
+  (`distributed.process_shard`), fits with the others (`GLAD.fit` over the global mesh) and calibrates
+  on the scores of all processes' held-out blocks; process 0 writes the checkpoint and reports.
+  """
+  from glad_jax import distributed
+  from glad_jax.model import GLAD
+
+  info = distributed.process_info()
+  lead = distributed.is_coordinator()
+  who = f"process {info.process_id}/{info.num_processes}"
+  bars = ProgressBars(not args.quiet and lead)
+  category, train, calib = read_training_data(args.data, holdout=args.holdout, seed=config.seed)
+  mine, mine_calib = distributed.process_shard(train), distributed.process_shard(calib)
+  if lead:
+    _say(f"glad: fitting on {len(train)} images of {category.root} ({len(calib)} held out for thresholds) "
+         f"over {info.num_processes} processes, {info.device_count} devices")
+  if not args.quiet:
+    _say(f"glad: {who}: {len(mine)} training and {len(mine_calib)} held-out images, "
+         f"{info.local_device_count} devices")
+  size = config.image_size
+
+  def load(records):
+    """This process's images (none for an empty block), every process told if one failed."""
+    error, images, paths = None, np.zeros((0, size, size, 3), np.uint8), ()
+    try:
+      if records:
+        batch = load_records(records, size, on_corrupt=args.on_corrupt, progress=bars)
+        images, paths = batch.images, batch.paths
+    except (ValueError, OSError) as e:
+      error = e
+    distributed.check_all(error, "reading its images")
+    return images, paths
+
+  images, paths = load(mine)
+  t0 = time.perf_counter()
+  model = GLAD(config).fit(images, progress=bars, distributed=True,
+                           source_shape=common_file_shape(paths) if len(paths) else None)
+  fit_seconds = time.perf_counter() - t0
+  if calib:
+    model.calibrate(load(mine_calib)[0], fpr=args.fpr, distributed=True)
+  bars.close()
+  out = model.save(args.out)
+  if not lead:
+    if not args.quiet:
+      _say(f"glad: {who}: done (the checkpoint {out} was written by process 0)")
+    return 0
+  _report_fit(model, config)
+  thr = "" if model.image_threshold is None else f"; image threshold {model.image_threshold:.4g} at FPR {args.fpr}"
+  print(f"saved {out} (fit {fit_seconds:.1f} s over {info.num_processes} processes{thr})")
+  return 0
+
+
+def _report_fit(model, config: GLADConfig) -> None:
+  """One line per fitted layer (stderr)."""
   for name, info in model.fit_info.items():
     nnz = "" if info.mean_nnz is None else f", {info.mean_nnz:.1f} non-zero weights/position"
     _say(f"  {name}: d={info.dim}, grid {info.grid_shape[0]}x{info.grid_shape[1]}, K {config.n_components} -> "
          f"{info.n_components} in {info.n_iter} iterations{nnz}; global fit on {info.n_samples_global} of "
          f"{info.n_samples} vectors ({info.global_reason})")
-  thr = "" if model.image_threshold is None else f"; image threshold {model.image_threshold:.4g} at FPR {args.fpr}"
-  print(f"saved {out} (fit {fit_seconds:.1f} s{thr})")
-  return 0
 
 
 def cmd_score(args: argparse.Namespace) -> int:

@@ -24,8 +24,15 @@ class GLADConfig:
     use_oas: OAS shrinkage of the covariances (Eq. 9); False = plain sample covariance.
     max_iter: iteration cap of the global fit (paper: 100).
     tol: relative change of the mean log-likelihood that stops the fit (paper: 1e-6).
-    max_samples: optional cap on the number of feature vectors used by the global fit per
-      layer (seeded random subset); the local map always uses every sample.
+    max_samples: how many feature vectors the global fit uses per layer; the local weights always
+      use every vector. None (default): every vector (the paper's fit). "auto": as many as
+      `fit_budget_s` allows on this machine, from the
+      measured speed of the layer's own fit step (`glad_jax.mixture.budget`), subsampled so that every
+      image and every grid position keeps its share; an int: a seeded random subset of at most that
+      many.
+    fit_budget_s: seconds the global fits of all layers may take together when max_samples="auto"
+      (the time a layer did not use passes to the next ones). The local weight fits are not
+      included: they always use every vector.
     local: learn position-dependent weights pi_k(x) (Eq. 10-12); False = global-only ablation.
     radius: radius r of the disk of samples used at each position (feature-grid units).
     local_max_iter: iteration cap of the local weight fit.
@@ -48,7 +55,8 @@ class GLADConfig:
   use_oas: bool = True
   max_iter: int = 100
   tol: float = 1e-6
-  max_samples: int | None = None
+  max_samples: int | Literal["auto"] | None = None
+  fit_budget_s: float = 150.0
   local: bool = True
   radius: float = 1.0
   local_max_iter: int = 100
@@ -60,3 +68,19 @@ class GLADConfig:
 
   def replace(self, **changes) -> "GLADConfig":
     return dataclasses.replace(self, **changes)
+
+
+def parse_max_samples(text: str) -> int | str | None:
+  """The command-line form of `GLADConfig.max_samples`: "auto", "all" (None: every vector) or an int >= 1."""
+  value = str(text).strip().lower()
+  if value == "auto":
+    return "auto"
+  if value in ("all", "none"):
+    return None
+  try:
+    n = int(value.replace(",", "").replace("_", ""))
+  except ValueError:
+    n = 0
+  if n < 1:
+    raise ValueError(f"max_samples must be 'auto', 'all' or a positive integer, got {text!r}")
+  return n

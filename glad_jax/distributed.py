@@ -1,6 +1,13 @@
 """Multi-process fits on JAX's own distributed runtime (`jax.distributed`).
 
-One process per host (or per GPU); every process runs the same program. The pieces:
+One process per host (or per GPU); every process runs the same program. The user-facing path:
+``glad fit DATA --out CKPT --coordinator HOST:PORT --num-processes N --process-id I`` (or the
+``JAX_*`` variables below), or in Python `initialize` before any other JAX work, then
+``GLAD(config).fit(images_of_this_process)`` with each process's `process_shard` of the same
+sorted image list, ``model.calibrate(...)`` and ``model.save(path)`` on every process (process 0
+writes). The pieces:
+
+* `resolve_options` checks the flags/variables of a hand-started run before anything starts.
 
 * `initialize` starts the runtime (coordinator address, process count and id from the
   arguments, else from the environment: ``JAX_COORDINATOR_ADDRESS`` (read by JAX),
@@ -18,7 +25,10 @@ One process per host (or per GPU); every process runs the same program. The piec
   the K-MLE/EM fit (`glad_jax.mixture`) and the local weight fit (`glad_jax.local`) already
   reduce over such a mesh with ``psum``.
 * `barrier` and `gather` synchronise and collect small host values (e.g. held-out scores for
-  threshold calibration).
+  threshold calibration); `sample_rows` picks the global fit's vectors (and its seeded
+  ``max_samples`` subset) in the one-process order; `broadcast_from_coordinator` shares the
+  alignment reference; `check_all` turns one process's failure into an error on every process
+  instead of a hang.
 * `estimate_fit_bytes` / `check_fit_memory` refuse a fit that cannot fit in a device's memory
   before anything starts.
 
@@ -30,6 +40,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
@@ -87,6 +98,95 @@ def _env_int(name: str) -> int | None:
     raise DistributedError(f"{name}={value!r} is not an integer") from None
 
 
+class Options(NamedTuple):
+  """A hand-started multi-process run's settings, from flags or the environment (`resolve_options`).
+
+  Attributes:
+    coordinator: "host:port" of process 0's coordinator service.
+    num_processes: number of processes.
+    process_id: this process's index in [0, num_processes).
+    local_device_count: CPU only: the CPU devices this process exposes (None: the default).
+  """
+
+  coordinator: str | None
+  num_processes: int
+  process_id: int
+  local_device_count: int | None = None
+
+
+def resolve_options(coordinator: str | None = None, num_processes: int | None = None,
+                    process_id: int | None = None, local_device_count: int | None = None, *,
+                    flag_names: Mapping[str, str] | None = None) -> Options | None:
+  """The settings of a multi-process run asked for by flags or environment, fully checked.
+
+  A flag wins over its environment variable (``JAX_COORDINATOR_ADDRESS``,
+  ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``). Checked here, before any JAX work, so that a
+  bad command line fails at once with one line instead of hanging at the coordinator: a
+  count of 1 needs nothing else; a count above 1 needs the coordinator and this process's id
+  in range; an id or coordinator without a count is refused.
+
+  Args:
+    coordinator, num_processes, process_id: the flags (None: not given).
+    local_device_count: CPU devices per process (None: the default).
+    flag_names: how the errors name the settings (default: the `glad fit` flags).
+
+  Returns:
+    `Options`, or None when no multi-process run is asked for (a plain one-process fit).
+
+  Raises:
+    DistributedError: one line naming the missing or bad setting.
+  """
+  names = {"coordinator": "--coordinator", "num_processes": "--num-processes",
+           "process_id": "--process-id", "local_device_count": "--local-devices",
+           **dict(flag_names or {})}
+  given = {"coordinator": coordinator, "num_processes": num_processes, "process_id": process_id}
+  if local_device_count is not None and local_device_count < 1:
+    raise DistributedError(f"{names['local_device_count']} should be >= 1, got "
+                           f"{local_device_count}")
+  if not requested(coordinator, num_processes, process_id):
+    if local_device_count is not None:
+      raise DistributedError(f"{names['local_device_count']} is for multi-process runs: give "
+                             f"{names['num_processes']} too")
+    return None
+
+  def source(key: str, env: str) -> str:
+    return names[key] if given[key] is not None else env
+
+  coordinator = coordinator if coordinator is not None else (os.environ.get(ENV_COORDINATOR)
+                                                             or None)
+  count = num_processes if num_processes is not None else _env_int(ENV_NUM_PROCESSES)
+  pid = process_id if process_id is not None else _env_int(ENV_PROCESS_ID)
+  if count is None:
+    what = source("process_id", ENV_PROCESS_ID) if pid is not None else source(
+        "coordinator", ENV_COORDINATOR)
+    raise DistributedError(f"{what} without {names['num_processes']} (or {ENV_NUM_PROCESSES}): "
+                           f"give the number of processes of the run")
+  if count < 1:
+    raise DistributedError(f"{source('num_processes', ENV_NUM_PROCESSES)} should be >= 1, got "
+                           f"{count}")
+  if count == 1:
+    if pid not in (None, 0):
+      raise DistributedError(f"process id {pid} is not in [0, 1) (num_processes=1)")
+    return Options(None, 1, 0, local_device_count)
+  if pid is None:
+    raise DistributedError(f"{source('num_processes', ENV_NUM_PROCESSES)} {count} needs this "
+                           f"process's {names['process_id']} (or {ENV_PROCESS_ID}) in [0, {count})")
+  if not 0 <= pid < count:
+    raise DistributedError(f"process id {pid} is not in [0, {count}) (num_processes={count})")
+  if coordinator is None:
+    raise DistributedError(f"{source('num_processes', ENV_NUM_PROCESSES)} {count} needs "
+                           f"{names['coordinator']} HOST:PORT (or {ENV_COORDINATOR}), the same on "
+                           f"every process")
+  _check_address(coordinator)
+  return Options(coordinator, int(count), int(pid), local_device_count)
+
+
+def _check_address(coordinator: str) -> None:
+  host, _, port = coordinator.rpartition(":")
+  if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise DistributedError(f"coordinator should be HOST:PORT, got {coordinator!r}")
+
+
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, local_device_count: int | None = None, *,
                timeout_s: int = 300) -> ProcessInfo:
@@ -120,9 +220,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
     raise DistributedError(f"process id {process_id} is not in [0, {num_processes}) "
                            f"(num_processes={num_processes})")
-  if coordinator is not None and (":" not in coordinator
-                                  or not coordinator.rsplit(":", 1)[1].isdigit()):
-    raise DistributedError(f"coordinator should be HOST:PORT, got {coordinator!r}")
+  if coordinator is not None:
+    _check_address(coordinator)
   if local_device_count is not None and local_device_count < 1:
     raise DistributedError(f"local_device_count should be >= 1, got {local_device_count}")
   # Both only act on the CPU backend: gloo carries the cross-process collectives of CPU
@@ -131,6 +230,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if local_device_count is not None:
     jax.config.update("jax_num_cpu_devices", int(local_device_count))
+    _warn_lapack_pool(int(local_device_count))
   if num_processes == 1:
     # Nothing to coordinate: a one-process run needs no coordinator service.
     return process_info()
@@ -146,6 +246,33 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                            f"--num-processes N --process-id I, or set {ENV_COORDINATOR}, "
                            f"{ENV_NUM_PROCESSES}, {ENV_PROCESS_ID})") from e
   return process_info()
+
+
+def _schedulable_cores() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # pragma: no cover  (no affinity on this OS)
+    return os.cpu_count() or 1
+
+
+def _warn_lapack_pool(local_device_count: int) -> None:
+  """Warns when CPU devices can exhaust jaxlib 0.10's LAPACK thread pool (a hang, not an error).
+
+  jaxlib 0.10.x splits a batched LAPACK call (the fits' K Cholesky factorisations) into tasks
+  on the process's intra-op pool, one thread per core, and blocks a pool thread until they are
+  done; with as many devices as cores running such a call at once (the collectives of a
+  multi-process fit line them up) every pool thread waits and the fit hangs. Seen here with
+  2 CPU devices per process on 2 cores at d >= 24; jaxlib >= 0.11.1 no longer does this.
+  """
+  import jaxlib  # noqa: PLC0415
+
+  version = tuple(int(v) for v in jaxlib.__version__.split(".")[:3] if v.isdigit())
+  cores = _schedulable_cores()
+  if (0, 10, 0) <= version < (0, 11, 1) and local_device_count >= cores:
+    warnings.warn(f"{local_device_count} CPU devices per process on {cores} cores with jaxlib "
+                  f"{jaxlib.__version__}: its batched LAPACK calls can deadlock the thread pool "
+                  f"(a fit that hangs); use fewer devices per process (--local-devices "
+                  f"{max(1, cores - 1)}) or jaxlib >= 0.11.1", RuntimeWarning, stacklevel=3)
 
 
 def process_info() -> ProcessInfo:
@@ -334,6 +461,125 @@ def gather(local_values: Any) -> np.ndarray:
   padded[:v.size] = v
   every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(counts), width)
   return np.concatenate([every[p, :c] for p, c in enumerate(counts)])
+
+
+def gather_rows(local_rows: Any) -> np.ndarray:
+  """Concatenation of every process's (n_p, ...) array along its rows, in process order.
+
+  For small host data only (e.g. the aligned training images an object mask is computed
+  from); every process must pass the same trailing shape and dtype.
+  """
+  x = np.asarray(local_rows)
+  return gather(x).reshape((-1,) + x.shape[1:])
+
+
+def host_array(x: jax.Array) -> np.ndarray:
+  """The whole of a (possibly multi-process) array on this host, as NumPy.
+
+  Every process must call this with the same array (it is a collective when the array
+  spans processes). For small arrays (masks) and for data a host step needs whole.
+  """
+  if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def sample_rows(features: jax.Array, mask: jax.Array, mesh: Mesh,
+                index: np.ndarray | None = None) -> jax.Array:
+  """Feature vectors of the real images of a `to_global` array, in the one-process order.
+
+  Vector i of the one-process fit is (image i // (h w), position i % (h w)) of the real
+  images in global order, so ``index`` (e.g. the seeded ``max_samples`` subset, drawn from
+  the real vector count) picks the same vectors as in a one-process fit. Without `index`
+  and with the real images first (`process_shard`) this is `global_samples`; otherwise the
+  rows are gathered by a jitted take over the mesh.
+
+  Args:
+    features: global array of shape (M_pad, h, w, d) from `to_global`.
+    mask: its (M_pad,) validity mask.
+    mesh: the mesh of both.
+    index: optional int array of shape (n,), rows of the (n_real h w, d) sample matrix to keep.
+
+  Returns:
+    global array of shape (n, d) (n = n_real h w without `index`), split by rows over
+    `mesh` when n divides evenly over its devices, else replicated.
+  """
+  m_pad, h, w, d = features.shape
+  real = np.flatnonzero(host_array(mask))
+  if index is None and real.size and real[-1] == real.size - 1:
+    return global_samples(features, mask, mesh)
+  hw = h * w
+  index = np.arange(real.size * hw) if index is None else np.asarray(index, np.int64)
+  if index.size and (index.min() < 0 or index.max() >= real.size * hw):
+    raise ValueError(f"sample index out of range [0, {real.size * hw})")
+  rows = real[index // hw] * hw + index % hw
+  if m_pad * hw >= 2**31:
+    raise DistributedError(f"{m_pad * hw} feature vectors per layer do not fit int32 indices: "
+                           f"use --max-samples")
+  axis = mesh.axis_names[0]
+  flat = jax.jit(lambda a: a.reshape(m_pad * hw, d),
+                 out_shardings=NamedSharding(mesh, P(axis, None)))(features)
+  spec = P(axis, None) if rows.size % sharding.mesh_size(mesh) == 0 else P()
+  rows = jax.device_put(rows.astype(np.int32), NamedSharding(mesh, P()))
+  return jax.jit(lambda a, i: a[i], out_shardings=NamedSharding(mesh, spec))(flat, rows)
+
+
+def broadcast_from_coordinator(value: Any) -> np.ndarray:
+  """Process 0's host array on every process (the others pass anything of its shape and dtype).
+
+  E.g. the alignment reference, the first training image of the whole list, which only
+  process 0 (the first block of `process_shard`) holds.
+  """
+  v = np.asarray(value)
+  if jax.process_count() == 1:
+    return v
+  return np.asarray(multihost_utils.broadcast_one_to_all(v))
+
+
+def check_all(error: BaseException | None, doing: str) -> None:
+  """Raises on every process when any process failed at the same step (a collective).
+
+  A process that fails alone would leave the others waiting at their next collective; each
+  process calls this after a step that can fail locally (reading its images, say), with the
+  exception it caught or None. The failing process re-raises its own exception, the others
+  raise one line naming the processes that failed.
+  """
+  if jax.process_count() == 1:
+    if error is not None:
+      raise error
+    return
+  failed = np.flatnonzero(allgather_ints([int(error is not None)])[:, 0]).tolist()
+  if error is not None:
+    raise error
+  if failed:
+    raise DistributedError(f"process{'es' if len(failed) > 1 else ''} "
+                           f"{', '.join(map(str, failed))} failed while {doing} (see "
+                           f"{'their' if len(failed) > 1 else 'its'} output)")
+
+
+def agreed_shape(shape: Sequence[int] | None, *, has_data: bool = True) -> tuple[int, ...] | None:
+  """The shape every process with data reports, None when they differ or one has none.
+
+  E.g. the common file shape of the training images, which each process knows of its own
+  block only. A process with no data (`has_data` False) does not take part in the vote;
+  one whose data has no common shape passes None, which makes the result None.
+  """
+  width = 8   # room for any array shape a fit meets
+  if shape is not None and len(shape) > width:
+    raise ValueError(f"agreed_shape takes shapes of at most {width} axes, got {tuple(shape)}")
+  # -1: no data, -3: data without a common shape, -2: past the last axis.
+  if not has_data:
+    row = [-1] * width
+  elif shape is None:
+    row = [-3] * width
+  else:
+    row = list(shape) + [-2] * (width - len(shape))
+  every = {tuple(r) for r in allgather_ints(row) if r[0] != -1}
+  if any(r[0] == -3 for r in every):
+    return None
+  if len(every) != 1:
+    return None
+  return tuple(int(v) for v in every.pop() if v != -2)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import pathlib
 from typing import Any, Callable, Mapping
 
 import jax
@@ -215,20 +216,44 @@ class GLAD:
   # -------------------------------------------------------------------------------------------- fit
 
   def fit(self, images: Any, *, batch_size: int = 16, progress: Progress | None = None, mesh=None,
-          source_shape: tuple[int, int, int] | None = None) -> "GLAD":
+          source_shape: tuple[int, int, int] | None = None, distributed: bool | None = None) -> "GLAD":
     """Fits the global mixtures and local weight maps on good images.
+
+    Multi-process fit (JAX's multi-controller runtime, e.g. one process per host): start the runtime
+    first, before any other JAX work, then give each process its own block of the training list::
+
+        from glad_jax import distributed
+        distributed.initialize("host0:1234", num_processes=2, process_id=i)   # or from JAX_* variables
+        mine = distributed.process_shard(sorted_paths)          # the same sorted list on every process
+        model = GLAD(config).fit(load(mine))                   # every process gets the same model
+        model.save("checkpoints/tire")                         # process 0 writes it, the others wait
+
+    Each process extracts the features of its images; the global mixtures, the local weights and
+    (`calibrate`) the thresholds are fitted over the devices of all processes, and the model equals the
+    one-process fit of all images (to float32 round-off).
 
     Args:
       images: uint8 array (N, H, W, 3) / (N, H, W) or a list of arrays (any sizes: resized to image_size).
+        In a multi-process fit: this process's block of the training images (may be empty on the last
+        processes), the blocks in process order being the whole training set.
       batch_size: backbone (and alignment) batch size.
       progress: optional callback(stage, info) for progress bars.
-      mesh: optional 1-D `jax.sharding.Mesh` on which the fit's samples are sharded.
+      mesh: optional 1-D `jax.sharding.Mesh` on which the fit's samples are sharded (multi-process
+        default: `glad_jax.distributed.global_mesh()`, every device of every process).
       source_shape: (H, W, C) of the original images when the caller already resized them (the CLI);
         default: the shape of `images` when they all have one. `update` refuses images of another shape.
+        In a multi-process fit, this process's; the model keeps it when every process agrees.
+      distributed: True: a multi-process fit of the processes' blocks (above); False: a fit of `images`
+        alone; None (default): multi-process when the JAX runtime has several processes.
 
     Returns:
       self.
     """
+    if distributed is None:
+      distributed = jax.process_count() > 1
+    if distributed:
+      return self._fit_distributed(images, batch_size=batch_size, progress=progress, mesh=mesh,
+                                   source_shape=source_shape)
     c = self.config
     x = prepare_images(images, c.image_size)
     if x.shape[0] < 2:
@@ -243,6 +268,61 @@ class GLAD:
     self.state = self.state.replace(source_shape=shape)
     return self
 
+  def _fit_distributed(self, images: Any, *, batch_size: int, progress: Progress | None, mesh,
+                       source_shape: tuple[int, int, int] | None) -> "GLAD":
+    """`fit` of this process's block of a multi-process fit (see `fit`)."""
+    from glad_jax import distributed as dist
+
+    c = self.config
+    n_given = len(images) if isinstance(images, (list, tuple)) else int(np.shape(images)[0])
+    size = c.image_size
+    error = None
+    try:
+      x = prepare_images(images, size) if n_given else np.zeros((0, size, size, 3), np.uint8)
+    except ValueError as e:
+      error, x = e, np.zeros((0, size, size, 3), np.uint8)
+    dist.check_all(error, "preparing its training images")
+    counts = dist.allgather_ints([x.shape[0]])[:, 0]
+    n_total = int(counts.sum())
+    if n_total < 2:
+      raise ValueError(f"GLAD needs at least 2 training images, got {n_total} over {len(counts)} processes")
+    if counts[0] == 0:
+      raise dist.DistributedError("process 0 has no training image: give each process its block of the "
+                                  "sorted training list (glad_jax.distributed.process_shard)")
+    mesh = dist.global_mesh() if mesh is None else mesh
+    shapes = {name: s for name, s in self.extractor.feature_shapes().items() if name in c.layers}
+    try:  # a host with less memory than the others must stop them too, not leave them waiting
+      dist.check_fit_memory(dist.estimate_fit_bytes(n_total, shapes, c.n_components, mesh.devices.size))
+    except dist.FitMemoryError as e:
+      error = e
+    dist.check_all(error, "checking its memory for the fit")
+    reference = None
+    if c.align != "none":
+      # The first training image of the whole list (paper 4.1): process 0's first.
+      first = x[0] if dist.is_coordinator() else np.zeros((size, size, 3), np.uint8)
+      reference = dist.broadcast_from_coordinator(first).astype(np.uint8)
+      if x.shape[0]:
+        x = align_images(x, reference, c.align, batch_size=batch_size)[0]
+    feats = {name: np.zeros((0,) + tuple(s), np.float32) for name, s in shapes.items()}
+    try:
+      if x.shape[0]:
+        feats = self._device_features(x, batch_size, progress)
+    except ValueError as e:  # e.g. the host-memory check of the features
+      error = e
+    dist.check_all(error, "extracting its features")
+    global_feats, image_mask = {}, None
+    for name in c.layers:
+      global_feats[name], image_mask = dist.to_global(np.asarray(feats[name]), mesh)
+    del feats
+    # The object mask is computed from all aligned training images (small: uint8 images).
+    aligned = dist.gather_rows(x) if c.mask == "object" else None
+    self.fit_features(global_feats, aligned_images=aligned, reference=reference, progress=progress,
+                      mesh=mesh, image_mask=image_mask)
+    local_shape = tuple(int(v) for v in source_shape) if source_shape is not None else (
+        source_shape_of(images) if n_given else None)
+    self.state = self.state.replace(source_shape=dist.agreed_shape(local_shape, has_data=x.shape[0] > 0))
+    return self
+
   def _device_features(self, x: np.ndarray, batch_size: int, progress: Progress | None) -> dict[str, jax.Array]:
     """Features {layer: (N, h, w, d)} of prepared images, left on the device for the fit (no round trip
     through host memory on an accelerator)."""
@@ -254,18 +334,21 @@ class GLAD:
 
   def fit_features(self, features: Mapping[str, Any], *, aligned_images: np.ndarray | None = None,
                    reference: np.ndarray | None = None, progress: Progress | None = None,
-                   mesh=None) -> "GLAD":
+                   mesh=None, image_mask=None) -> "GLAD":
     """Fits on precomputed backbone features {layer: (N, h, w, d)} (e.g. shared with baselines).
 
     Args:
-      features: one array per configured layer, from `features(...)` of the same configuration.
+      features: one array per configured layer, from `features(...)` of the same configuration; or
+        multi-process global arrays (`glad_jax.distributed.to_global`) over `mesh`, with `image_mask`.
       aligned_images: the resized, aligned training images (N, S, S, 3); needed only for mask='object'.
       reference: the alignment reference (S, S, 3) uint8; needed only when the config aligns.
       progress, mesh: as in `fit`.
+      image_mask: the validity mask of global-array features (False on padding images).
     """
     key = jax.random.key(self.config.seed)
     self.state, self.fit_info = glad_method.fit_with_info(
-        features, self.config, key, images=aligned_images, reference=reference, mesh=mesh, progress=progress)
+        features, self.config, key, images=aligned_images, reference=reference, mesh=mesh, progress=progress,
+        image_mask=image_mask)
     return self
 
   # ----------------------------------------------------------------------------------------- update
@@ -331,16 +414,48 @@ class GLAD:
 
   # -------------------------------------------------------------------------------------- calibrate
 
-  def calibrate(self, good_images: Any, *, fpr: float = 0.01, batch_size: int = 16) -> "GLAD":
+  def calibrate(self, good_images: Any, *, fpr: float = 0.01, batch_size: int = 16,
+                distributed: bool | None = None) -> "GLAD":
     """Sets the image and pixel thresholds from held-out good images at a target false-positive rate.
 
     image threshold = the (1 - fpr)-quantile of their image scores; pixel threshold = the (1 - fpr)-quantile of
     their anomaly-map values inside the mask. Never use test images for this.
+
+    Args:
+      good_images: held-out good images (as `fit` takes them); in a multi-process run, this process's
+        block of them (may be empty).
+      fpr: target false-positive rate.
+      batch_size: scoring batch size.
+      distributed: True: each process scores its block and the quantiles are taken over the scores and
+        maps of all processes (the same thresholds everywhere); None (default): when the JAX runtime has
+        several processes.
     """
     if not 0.0 < fpr < 1.0:
       raise ValueError(f"fpr must be in (0, 1), got {fpr}")
-    pred = self.score(good_images, batch_size=batch_size)
-    self.state = glad_method.calibrated(self.state, pred.image_scores, pred.anomaly_maps, fpr)
+    if distributed is None:
+      distributed = jax.process_count() > 1
+    if not distributed:
+      pred = self.score(good_images, batch_size=batch_size)
+      self.state = glad_method.calibrated(self.state, pred.image_scores, pred.anomaly_maps, fpr)
+      return self
+    from glad_jax import distributed as dist
+
+    self._require_fitted()
+    size = self.config.image_size
+    n_given = len(good_images) if isinstance(good_images, (list, tuple)) else int(np.shape(good_images)[0])
+    scores, maps, error = np.zeros((0,), np.float32), np.zeros((0, size, size), np.float32), None
+    try:
+      if n_given:
+        pred = self.score(good_images, batch_size=batch_size)
+        scores, maps = np.asarray(pred.image_scores, np.float32), np.asarray(pred.anomaly_maps, np.float32)
+    except ValueError as e:
+      error = e
+    dist.check_all(error, "scoring its held-out images")
+    all_scores = dist.gather(scores)
+    if all_scores.size == 0:
+      raise ValueError("no held-out image to calibrate the thresholds on (every process's block is empty)")
+    all_maps = dist.gather(maps).reshape(-1, size, size)
+    self.state = glad_method.calibrated(self.state, all_scores, all_maps, fpr)
     return self
 
   # ------------------------------------------------------------------------------------------ score
@@ -400,11 +515,28 @@ class GLAD:
   # ---------------------------------------------------------------------------------- persistence
 
   def save(self, path) -> Any:
-    """Atomically writes the fitted state (Orbax; see glad_jax.checkpoint.save_state)."""
+    """Atomically writes the fitted state (Orbax; see glad_jax.checkpoint.save_state).
+
+    In a multi-process run every process calls this with the same path: the processes hold the same
+    model, process 0 writes it (the others never write, so there is never a partial checkpoint from a
+    second writer), and every process returns once it is complete, or raises if process 0 failed.
+    """
     self._require_fitted()
     metadata = {"config": dataclasses.asdict(self.config),
                 "fit_info": {name: dataclasses.asdict(info) for name, info in self.fit_info.items()}}
-    return ckpt.save_state(path, self.state, metadata)
+    if jax.process_count() == 1:
+      return ckpt.save_state(path, self.state, metadata)
+    from glad_jax import distributed as dist
+
+    dist.barrier("save_start")
+    out, error = None, None
+    if dist.is_coordinator():
+      try:
+        out = ckpt.save_state(path, self.state, metadata)
+      except Exception as e:  # noqa: BLE001  (re-raised below, after the others heard of it)
+        error = e
+    dist.check_all(error, f"writing the checkpoint {path}")
+    return out if out is not None else pathlib.Path(path).expanduser().absolute()
 
   @classmethod
   def load(cls, path, *, extractor=None) -> "GLAD":

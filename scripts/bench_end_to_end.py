@@ -24,7 +24,17 @@ One run, one backbone, the same training features for the three methods. What it
      img AUROC / px AUROC  on the (possibly subsampled) test split;
 5. with `--max-samples-sweep 50000,200000,...`: GLAD refitted with each cap on the global fit's samples (the
    local weights always use every sample): seconds of the global fits, of the local fits and in all, K at the end
-   per layer, image and pixel AUROC.
+   per layer, image and pixel AUROC;
+6. with `--cpu-agreement N`: the fitted GLAD model scores the same N test images on the default device (the
+   accelerator) and on the CPU backend of the same process (`jax.devices('cpu')`): the max relative difference
+   of the image scores end to end (backbone included, so the backbone's default precision on the accelerator,
+   TF32 or bfloat16, shows) and from the same features (the mixture scoring alone, which asks for HIGHEST).
+
+`--batches 1,16,64` times inference at other batch sizes (default 1,16) and also prints images/s; `--synthetic`
+uses seeded striped textures with dark square defects instead of `--data` (timing without any dataset: a device
+machine that only gets the checkout); `--json PATH` writes the figures (setup, fit seconds, images/s per batch,
+peak device memory, agreement) as JSON, rewritten after each stage so that a run stopped by a timeout keeps what
+it measured.
 
 Timings are the best of several calls (the machine may be shared); memory is the process's resident set
 size (RSS) sampled every 2 ms plus the kernel's exact lifetime peak (see glad_jax.profiling).
@@ -34,12 +44,17 @@ Usage:
   python scripts/bench_end_to_end.py                           # tire, EfficientNet-Lite0, K=1000 (paper)
   python scripts/bench_end_to_end.py --max-samples-sweep 50000,200000,0   # 0 = no cap
   python scripts/bench_end_to_end.py --backbone wide_resnet50_2_aa --weights random --backbone-dtype bfloat16
+  # the accelerator check (scripts/device_check.sh): no dataset, GLAD only, GPU vs CPU scores
+  python scripts/bench_end_to_end.py --synthetic --max-train 200 --max-test 32 --methods glad \
+      --backbone wide_resnet50_2_aa --weights random --batches 1,16,64 --cpu-agreement 16 --json bench.json
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
 import os
 import pathlib
 import sys
@@ -50,7 +65,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glad_jax import metrics, profiling, scoring
+from glad_jax import distributed, metrics, methods as glad_methods, profiling, scoring
 from glad_jax.baselines import get_baseline, model_size_bytes
 from glad_jax.baselines.padim import PadimConfig
 from glad_jax.baselines.patchcore import PatchcoreConfig
@@ -60,6 +75,7 @@ from glad_jax.model import GLAD
 
 DEFAULT_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mvtec3d_tire_rgb"
 MB = profiling.MB
+SYNTHETIC_TRAIN, SYNTHETIC_TEST = 200, 32
 
 
 @dataclasses.dataclass
@@ -69,10 +85,8 @@ class Row:
   method: str
   fit_s: float
   model_s: float
-  b1_ms: float
-  b16_ms: float
-  bb1_ms: float  # backbone alone, timed in the same rounds as b1_ms / b16_ms
-  bb16_ms: float
+  ms: dict[int, float]     # inference ms per image at each batch size
+  bb_ms: dict[int, float]  # backbone alone, timed in the same rounds as `ms`
   fit_bytes: int
   infer_bytes: int
   device_bytes: int | None
@@ -97,6 +111,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="comma-separated max_samples values to refit GLAD with (0 = no cap)")
   p.add_argument("--methods", default="glad,padim,patchcore", help="comma-separated subset of glad,padim,patchcore")
   p.add_argument("--repeats", type=int, default=5, help="timed calls per inference measurement")
+  p.add_argument("--batches", default="1,16", help="comma-separated inference batch sizes to time")
+  p.add_argument("--image-size", type=int, default=GLADConfig.image_size, help="images are resized to this")
+  p.add_argument("--layers", default=",".join(GLADConfig.layers),
+                 help="comma-separated backbone layers GLAD models (one mixture each)")
+  p.add_argument("--synthetic", action="store_true",
+                 help="seeded synthetic textures instead of --data (--max-train / --max-test images, "
+                      f"default {SYNTHETIC_TRAIN} / {SYNTHETIC_TEST})")
+  p.add_argument("--cpu-agreement", type=int, default=0, metavar="N",
+                 help="score N test images with the fitted GLAD on the default device and on the CPU backend")
+  p.add_argument("--json", default=None, help="write the figures to this JSON file (after each stage)")
   p.add_argument("--quick", action="store_true",
                  help="small run (~1 min on 2 CPU cores): 20 train / 16 test images, K=32, 5 iterations")
   args = p.parse_args(argv)
@@ -106,6 +130,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.k = min(args.k, 32)
     args.max_iter = min(args.max_iter, 5)
     args.repeats = min(args.repeats, 3)
+  try:
+    args.batches = tuple(sorted({int(b) for b in args.batches.split(",") if b.strip()}))
+  except ValueError:
+    p.error(f"--batches takes comma-separated integers, got {args.batches!r}")
+  if not args.batches or min(args.batches) < 1:
+    p.error(f"--batches needs batch sizes >= 1, got {args.batches!r}")
+  if args.synthetic:
+    args.max_train = args.max_train or SYNTHETIC_TRAIN
+    args.max_test = args.max_test or SYNTHETIC_TEST
+    if args.max_test < 2:
+      p.error("--synthetic needs --max-test >= 2 (good and anomalous test images)")
+  args.layers = tuple(v.strip() for v in args.layers.split(",") if v.strip())
+  if args.cpu_agreement < 0:
+    p.error(f"--cpu-agreement must be >= 0, got {args.cpu_agreement}")
   return args
 
 
@@ -121,7 +159,35 @@ def _spread(records: list, n: int | None) -> list:
   return [records[i] for i in idx]
 
 
+def synthetic_split(n: int, size: int, n_bad: int, seed: int, split: str) -> mvtec.ImageBatch:
+  """n seeded striped textures (uint8 RGB, size x size), the last n_bad with a dark square defect.
+
+  The same family as the tests' tiny category, vectorised and scaled with the image size (4 stripe periods
+  across): enough structure for the backbone and the mixtures to do real work, so that the timings are those of
+  a real category of that size, without any file (the accelerator machine only gets the checkout).
+  """
+  rng = np.random.default_rng(seed)
+  xx = np.arange(size, dtype=np.float32)
+  phase = rng.uniform(0, 2 * np.pi, size=(n, 1, 1)).astype(np.float32)
+  base = 128 + 60 * np.sin(2 * np.pi * xx[None, None, :] / (size / 4) + phase)   # (n, 1, size)
+  noise = rng.standard_normal((n, size, size, 3), dtype=np.float32) * 6
+  images = np.clip(base[..., None] + noise, 0, 255).astype(np.uint8)
+  masks = np.zeros((n, size, size), bool)
+  s = max(2, size // 5)
+  for i in range(n - n_bad, n):
+    y, x = rng.integers(s, size - 2 * s, size=2)
+    images[i, y:y + s, x:x + s] = 10
+    masks[i, y:y + s, x:x + s] = True
+  labels = (np.arange(n) >= n - n_bad).astype(np.int32)
+  defects = tuple("square" if label else "good" for label in labels)
+  paths = tuple(pathlib.Path(f"synthetic/{split}/{d}/{i:03d}.png") for i, d in enumerate(defects))
+  return mvtec.ImageBatch(images, masks, np.ones(n, bool), labels, defects, paths)
+
+
 def load_data(args: argparse.Namespace, size: int) -> tuple[mvtec.ImageBatch, mvtec.ImageBatch]:
+  if args.synthetic:
+    return (synthetic_split(args.max_train, size, 0, seed=0, split="train"),
+            synthetic_split(args.max_test, size, args.max_test // 2, seed=1, split="test"))
   category = mvtec.read_category(args.data)
   train = _spread(list(category.train), args.max_train)
   test = _spread(list(category.test), args.max_test)
@@ -156,13 +222,13 @@ def score_in_batches(fn: Callable, images: np.ndarray, batch: int = 16) -> tuple
   return np.concatenate(scores), np.concatenate(maps)
 
 
-def inference_ms(fn: Callable, images: np.ndarray, repeats: int,
-                 backbone: Callable | None = None) -> tuple[float, ...]:
-  """Best ms per image of fn at batch 1 and batch 16 (compilation excluded); with `backbone`, also the
-  backbone's, timed in alternation with fn (one call of each per round): (fn b1, fn b16[, bb b1, bb b16])."""
+def inference_ms(fn: Callable, images: np.ndarray, repeats: int, backbone: Callable | None = None,
+                 batches: tuple[int, ...] = (1, 16)) -> tuple[dict[int, float], ...]:
+  """Best ms per image of fn at each batch size (compilation excluded); with `backbone`, also the backbone's,
+  timed in alternation with fn (one call of each per round): ({batch: fn ms}[, {batch: backbone ms}])."""
   fns = [fn] if backbone is None else [fn, backbone]
   best = {}
-  for b in (1, 16):
+  for b in batches:
     x = batch_of(images, b)
     times = [[] for _ in fns]
     for f in fns:  # warm-up: compilation
@@ -172,7 +238,7 @@ def inference_ms(fn: Callable, images: np.ndarray, repeats: int,
         times[i].append(profiling.time_call(f, x, repeats=1, warmup=0).best)
     for i in range(len(fns)):
       best[i, b] = 1000.0 * min(times[i]) / b
-  return tuple(best[i, b] for i in range(len(fns)) for b in (1, 16))
+  return tuple({b: best[i, b] for b in batches} for i in range(len(fns)))
 
 
 def auroc_pair(test: mvtec.ImageBatch, scores: np.ndarray, maps: np.ndarray) -> tuple[float, float | None]:
@@ -200,6 +266,44 @@ def _fmt(x: float | None, spec: str) -> str:
   return "n/a" if x is None else format(x, spec)
 
 
+def _finite(x: Any) -> Any:
+  """JSON-safe: NaN and infinities become None (JSON has no such numbers)."""
+  if isinstance(x, dict):
+    return {str(k): _finite(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_finite(v) for v in x]
+  if isinstance(x, (float, np.floating)):
+    return float(x) if math.isfinite(float(x)) else None
+  if isinstance(x, np.integer):
+    return int(x)
+  return x
+
+
+class Figures(dict):
+  """The run's figures; with a path, rewritten (atomically) after each stage so that a run stopped by a
+  timeout still leaves what it measured for the caller (scripts/device_check.sh)."""
+
+  def __init__(self, path: str | None):
+    super().__init__(complete=False)
+    self.path = None if path is None else pathlib.Path(path)
+
+  def dump(self) -> None:
+    if self.path is None:
+      return
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = self.path.with_name(self.path.name + ".tmp")
+    tmp.write_text(json.dumps(_finite(dict(self)), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, self.path)
+
+  def stage(self, name: str, values: dict) -> None:
+    self[name] = values
+    self.dump()
+
+
+def _per_second(ms: dict[int, float]) -> dict[int, float]:
+  return {b: 1000.0 / v for b, v in ms.items()}
+
+
 # ------------------------------------------------------------------------------------------ methods
 
 
@@ -209,11 +313,11 @@ def run_glad(config: GLADConfig, extractor, train_feats, features_s: float, test
   with profiling.PeakMemory() as fit_mem:
     model.fit_features(train_feats)
   fn = model.score_fn()
-  b1, b16, bb1, bb16 = inference_ms(fn, test.images, args.repeats, backbone)
+  ms, bb_ms = inference_ms(fn, test.images, args.repeats, backbone, args.batches)
   with profiling.PeakMemory() as inf_mem:
     scores, maps = score_in_batches(fn, test.images)
   img, px = auroc_pair(test, scores, maps)
-  row = Row("GLAD", features_s + fit_mem.report.seconds, fit_mem.report.seconds, b1, b16, bb1, bb16,
+  row = Row("GLAD", features_s + fit_mem.report.seconds, fit_mem.report.seconds, ms, bb_ms,
             fit_mem.report.host_increase, inf_mem.report.host_increase,
             _device_peak(fit_mem.report, inf_mem.report), model.model_size_bytes(), img, px)
   return row, model
@@ -226,6 +330,9 @@ def run_baseline(name: str, extractor, train_feats, features_s: float, test: mvt
     config = PadimConfig.for_backbone(args.backbone)
   else:
     config = PatchcoreConfig()
+  missing = sorted(set(config.layers) - set(train_feats))
+  if missing:
+    raise SystemExit(f"{name} needs the backbone layers {list(config.layers)}: add {missing} to --layers")
   feats = {k: train_feats[k] for k in config.layers}
   with profiling.PeakMemory() as fit_mem:
     state = jax.block_until_ready(method.fit(feats, config, jax.random.key(0)))
@@ -236,12 +343,12 @@ def run_baseline(name: str, extractor, train_feats, features_s: float, test: mvt
     return method.score(state, extractor.apply(params, images), out_size=size)
 
   fn = lambda images: fused(extractor.params, state, images)  # noqa: E731
-  b1, b16, bb1, bb16 = inference_ms(fn, test.images, args.repeats, backbone)
+  ms, bb_ms = inference_ms(fn, test.images, args.repeats, backbone, args.batches)
   with profiling.PeakMemory() as inf_mem:
     scores, maps = score_in_batches(fn, test.images)
   img, px = auroc_pair(test, scores, maps)
   label = {"padim": "PaDiM", "patchcore": "PatchCore"}[name]
-  return Row(label, features_s + fit_mem.report.seconds, fit_mem.report.seconds, b1, b16, bb1, bb16,
+  return Row(label, features_s + fit_mem.report.seconds, fit_mem.report.seconds, ms, bb_ms,
              fit_mem.report.host_increase, inf_mem.report.host_increase,
              _device_peak(fit_mem.report, inf_mem.report), model_size_bytes(state), img, px)
 
@@ -264,6 +371,71 @@ def scoring_profile(model: GLAD, test_feats: dict, repeats: int) -> dict[str, fl
   return out
 
 
+def _rel_diff(a: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+  """max |a - ref| / |ref| elementwise (image scores are log-likelihood quantiles, far from 0), the max absolute
+  difference, and the max difference relative to the largest |ref| (for maps, whose values cross 0)."""
+  a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
+  diff = np.abs(a - ref)
+  tiny = np.finfo(np.float64).tiny
+  return {"max_rel": float(np.max(diff / np.maximum(np.abs(ref), tiny))), "max_abs": float(np.max(diff)),
+          "max_rel_to_range": float(np.max(diff) / max(float(np.max(np.abs(ref))), tiny))}
+
+
+def cpu_agreement(model: GLAD, images: np.ndarray, n: int) -> dict[str, Any]:
+  """The same fitted model scores the same n images on the default device and on the CPU backend.
+
+  The same function of (params, state, images) as `GLAD.score_fn`, compiled for each backend, on bit-identical
+  weights and model: on the default device through `score_fn` itself (with n equal to a timed batch size its
+  compilation is reused), on the CPU with every input committed to the CPU. Two comparisons, because they answer
+  different questions:
+
+  * end to end (uint8 images -> image scores): what a user sees; includes the backbone, which runs at the
+    backend's default precision (TF32 convolutions on recent NVIDIA GPUs, or bfloat16 by choice);
+  * from the same features (the default device's backbone output, copied to the CPU): the mixture scoring
+    alone, whose products all ask for HIGHEST, so it should match to float32 round-off.
+  """
+  cpu = jax.devices("cpu")[0]
+  dev = jax.devices()[0]
+  x = images[np.arange(n) % images.shape[0]]
+  ext = model.extractor
+  layer_models = model.layer_models()
+  size = (model.config.image_size,) * 2
+  q = float(model.config.quantile)
+  # Every array is an argument (none closed over): each call then runs wholly where its inputs are committed.
+  from_features = jax.jit(lambda lm, f, mask: scoring.score_unchecked(lm, f, mask, q, size).image_score)
+  out: dict[str, Any] = {"images": int(n), "device": f"{dev.platform} ({dev.device_kind})",
+                         "reference": f"{cpu.platform} ({cpu.device_kind})", "same_backend": dev == cpu}
+  scores, maps, seconds = {}, {}, {}
+
+  t0 = time.perf_counter()
+  xd = jax.device_put(x, dev)
+  s, m = jax.block_until_ready(model.score_fn()(xd))
+  scores["device"], maps["device"] = np.asarray(s), np.asarray(m)
+  feats = {k: np.asarray(v) for k, v in ext.apply(ext.params, xd).items() if k in layer_models}
+  lm, fi, mask = jax.device_put((layer_models, feats, model.mask), dev)
+  scores["device_from_features"] = np.asarray(from_features(lm, fi, mask))
+  seconds["device"] = time.perf_counter() - t0
+
+  t0 = time.perf_counter()
+  fused = jax.jit(glad_methods.images_fn(glad_methods.get_method("glad"), ext.apply))
+  # Scoring does not read the update statistics (K x d x d scatter matrices per layer: GBs at K = 1000,
+  # d = 1024): leave them out of the copy.
+  params, state, xc = jax.device_put((ext.params, model.state.replace(update_stats=None), x), cpu)
+  m, s = jax.block_until_ready(fused(params, state, xc))
+  scores["cpu"], maps["cpu"] = np.asarray(s), np.asarray(m)
+  lm, fi, mask = jax.device_put((layer_models, feats, model.mask), cpu)
+  scores["cpu_from_features"] = np.asarray(from_features(lm, fi, mask))
+  seconds["cpu"] = time.perf_counter() - t0
+
+  out["end_to_end"] = _rel_diff(scores["device"], scores["cpu"])
+  out["maps_end_to_end"] = _rel_diff(maps["device"], maps["cpu"])
+  out["from_features"] = _rel_diff(scores["device_from_features"], scores["cpu_from_features"])
+  out["seconds"] = seconds  # compilation included: one call each
+  out["scores_device"] = scores["device"].tolist()
+  out["scores_cpu"] = scores["cpu"].tolist()
+  return out
+
+
 # --------------------------------------------------------------------------------------------- main
 
 
@@ -274,37 +446,77 @@ def main(argv=None) -> int:
   bad = sorted(set(methods) - {"glad", "padim", "patchcore"})
   if bad:
     raise SystemExit(f"unknown method(s) {bad}; choose among glad, padim, patchcore")
+  if args.cpu_agreement and "glad" not in methods:
+    raise SystemExit("--cpu-agreement scores the fitted GLAD model: add glad to --methods")
+  figures = Figures(args.json)
+  try:
+    run(args, methods, figures)
+  except BaseException as e:  # noqa: BLE001  (recorded, then raised again: the exit status says it failed)
+    figures["error"] = f"{type(e).__name__}: {e}"
+    figures.dump()
+    raise
+  figures["complete"] = True
+  figures.dump()
+  return 0
+
+
+def run(args: argparse.Namespace, methods: list[str], figures: Figures) -> None:
   config = GLADConfig(backbone=args.backbone, weights=args.weights, n_components=args.k, max_iter=args.max_iter,
-                      max_samples=args.max_samples, backbone_dtype=args.backbone_dtype)
+                      max_samples=args.max_samples, backbone_dtype=args.backbone_dtype,
+                      image_size=args.image_size, layers=args.layers)
   t_load = time.perf_counter()
   train, test = load_data(args, config.image_size)
   t_load = time.perf_counter() - t_load
   extractor = GLAD(config).extractor
   dev = jax.devices()[0]
+  grids = {k: tuple(int(v) for v in shape) for k, shape in extractor.feature_shapes().items()
+           if k in config.layers}
+  need = distributed.estimate_fit_bytes(len(train), grids, config.n_components)
+  figures.stage("setup", {
+      "device": f"{dev.platform} ({dev.device_kind})", "platform": dev.platform, "device_kind": dev.device_kind,
+      "device_count": jax.device_count(), "jax": jax.__version__,
+      "data": "synthetic" if args.synthetic else str(args.data), "train_images": len(train),
+      "test_images": len(test), "image_size": config.image_size, "backbone": config.backbone,
+      "backbone_dtype": config.backbone_dtype, "weights": config.weights or "packaged", "layers": grids,
+      "k": config.n_components, "max_iter": config.max_iter, "max_samples": config.max_samples,
+      "batches": list(args.batches), "repeats": args.repeats, "estimated_fit_bytes_per_device": need})
   print(f"device: {dev.platform} ({dev.device_kind}), {jax.device_count()} device(s); jax {jax.__version__}")
-  print(f"data: {args.data}: {len(train)} train / {len(test)} test images "
+  print(f"data: {'synthetic textures' if args.synthetic else args.data}: {len(train)} train / {len(test)} test images "
         f"({int(test.labels.sum())} anomalous), decoded to {config.image_size}x{config.image_size} in {t_load:.1f} s")
   print(f"backbone: {config.backbone} ({config.backbone_dtype}, weights {config.weights or 'packaged'}), "
         f"layers {dict(extractor.feature_shapes())}")
   print(f"load average at start: {_load()} (the machine may be shared: timings are best-of-{args.repeats})")
   print(f"GLAD: K={config.n_components}, max_iter={config.max_iter}, max_samples={config.max_samples}, "
         f"radius={config.radius}, quantile={config.quantile}")
+  print(f"estimated fit memory (features + widest mixture, float32): {need / 2**30:.2f} GiB on one device")
 
   # Backbone only: the floor of any pipeline built on it.
   bb = lambda images: extractor.apply(extractor.params, images)  # noqa: E731
-  bb1, bb16 = inference_ms(bb, test.images, args.repeats)
+  (bb_ms,) = inference_ms(bb, test.images, args.repeats, batches=args.batches)
   with profiling.PeakMemory() as feat_mem:
     train_feats = extractor(train.images, batch_size=16)
   features_s = feat_mem.report.seconds
-  print(f"\nbackbone only: {bb1:.1f} ms/image at batch 1, {bb16:.1f} ms/image at batch 16")
+  print("\nbackbone only: " + ", ".join(f"{v:.1f} ms/image at batch {b}" for b, v in bb_ms.items())
+        + " (" + ", ".join(f"{1000.0 / v:.1f}" for v in bb_ms.values()) + " images/s)")
   print(f"training features: {features_s:.1f} s for {len(train)} images, peak host RSS "
         f"+{feat_mem.report.host_increase / MB:.0f} MB (total {feat_mem.report.host_peak / MB:.0f} MB), "
         f"{sum(v.nbytes for v in train_feats.values()) / MB:.0f} MB of features")
+  figures.stage("backbone", {"ms_per_image": bb_ms, "images_per_s": _per_second(bb_ms),
+                             "features_s": features_s, "features_device_peak_bytes": feat_mem.report.device_peak})
 
   rows = []
   if "glad" in methods:
     row, model = run_glad(config, extractor, train_feats, features_s, test, args, bb)
     rows.append(row)
+    figures.stage("glad", {
+        "fit_s": row.fit_s, "model_fit_s": row.model_s, "features_s": features_s,
+        "ms_per_image": row.ms, "images_per_s": _per_second(row.ms), "backbone_ms_per_image": row.bb_ms,
+        "device_peak_bytes": row.device_bytes, "model_bytes": row.model_bytes, "image_auroc": row.image_auroc,
+        "pixel_auroc": row.pixel_auroc,
+        "layers": {name: {"n_samples": info.n_samples, "n_samples_global": info.n_samples_global,
+                          "dim": info.dim, "n_iter": info.n_iter, "k_end": info.n_components,
+                          "global_s": info.seconds_global, "local_s": info.seconds_local,
+                          "mean_nnz": info.mean_nnz} for name, info in model.fit_info.items()}})
     print("\nGLAD fit profile:")
     print(f"  {'layer':8s} {'samples':>9s} {'global':>9s} {'d':>4s} {'grid':>7s} {'iter':>5s} {'K end':>6s} "
           f"{'global s':>9s} {'local s':>8s} {'nnz/pos':>8s}")
@@ -317,22 +529,53 @@ def main(argv=None) -> int:
           f"{row.model_s - accounted:.1f} s")
     test_feats = extractor(test.images[:16], batch_size=16)
     print("GLAD scoring profile (features given, batch 16, ms/image):")
-    for name, ms in scoring_profile(model, test_feats, args.repeats).items():
+    profile = scoring_profile(model, test_feats, args.repeats)
+    for name, ms in profile.items():
       print(f"  {name:32s} {ms:8.2f}")
+    figures["glad"]["scoring_profile_ms_per_image"] = profile
+    figures.dump()
+    if args.cpu_agreement:
+      agree = cpu_agreement(model, test.images, args.cpu_agreement)
+      figures.stage("cpu_agreement", agree)
+      print(f"\nGPU/CPU agreement of the image scores ({agree['images']} test images, {agree['device']} vs "
+            f"{agree['reference']}):")
+      for key, what in (("end_to_end", "end to end (backbone + scoring)"),
+                        ("from_features", "from the same features (scoring)")):
+        d = agree[key]
+        print(f"  {what:34s} max rel {d['max_rel']:.3g}, max abs {d['max_abs']:.3g}")
+      d = agree["maps_end_to_end"]
+      print(f"  {'anomaly maps, end to end':34s} max abs {d['max_abs']:.3g} "
+            f"({d['max_rel_to_range']:.3g} of the largest |value|)")
     del model
   for name in ("padim", "patchcore"):
     if name in methods:
       rows.append(run_baseline(name, extractor, train_feats, features_s, test, args, bb))
 
-  print(f"\n{'method':10s} {'fit s':>7s} {'model s':>8s} {'b1 ms':>7s} {'b16 ms':>7s} {'xbb1':>5s} {'xbb16':>6s} "
+  xbb_width = {b: max(5, len(str(b)) + 4) for b in args.batches}
+  ms_head = " ".join(f"{f'b{b} ms':>7s}" for b in args.batches)
+  xbb_head = " ".join(f"{f'xbb{b}':>{xbb_width[b]}s}" for b in args.batches)
+  print(f"\n{'method':10s} {'fit s':>7s} {'model s':>8s} {ms_head} {xbb_head} "
         f"{'fit MB':>7s} {'inf MB':>7s} {'dev MB':>7s} {'model MB':>9s} {'img AUROC':>10s} {'px AUROC':>9s}")
-  print(f"{'backbone':10s} {features_s:7.1f} {'':>8s} {bb1:7.1f} {bb16:7.1f} {1.0:5.2f} {1.0:6.2f}")
+  print(f"{'backbone':10s} {features_s:7.1f} {'':>8s} " + " ".join(f"{bb_ms[b]:7.1f}" for b in args.batches) + " "
+        + " ".join(f"{1.0:{xbb_width[b]}.2f}" for b in args.batches))
   for r in rows:
     dev_mb = None if r.device_bytes is None else r.device_bytes / MB
-    print(f"{r.method:10s} {r.fit_s:7.1f} {r.model_s:8.1f} {r.b1_ms:7.1f} {r.b16_ms:7.1f} {r.b1_ms / r.bb1_ms:5.2f} "
-          f"{r.b16_ms / r.bb16_ms:6.2f} {r.fit_bytes / MB:7.0f} {r.infer_bytes / MB:7.0f} {_fmt(dev_mb, '7.0f'):>7s} "
+    print(f"{r.method:10s} {r.fit_s:7.1f} {r.model_s:8.1f} " + " ".join(f"{r.ms[b]:7.1f}" for b in args.batches)
+          + " " + " ".join(f"{r.ms[b] / r.bb_ms[b]:{xbb_width[b]}.2f}" for b in args.batches)
+          + f" {r.fit_bytes / MB:7.0f} {r.infer_bytes / MB:7.0f} {_fmt(dev_mb, '7.0f'):>7s} "
           f"{r.model_bytes / MB:9.2f} {r.image_auroc:10.4f} {_fmt(r.pixel_auroc, '9.4f'):>9s}")
-  print(f"peak host RSS of the whole run: {profiling.host_peak_rss_bytes() / MB:.0f} MB; load average now {_load()}")
+  print("images/s (uint8 images -> scores and maps): " + "; ".join(
+      f"{r.method} " + ", ".join(f"{1000.0 / r.ms[b]:.1f} at batch {b}" for b in args.batches) for r in rows))
+  lifetime_peak = profiling.device_peak_bytes()
+  print(f"peak host RSS of the whole run: {profiling.host_peak_rss_bytes() / MB:.0f} MB; peak device memory "
+        f"{_fmt(None if lifetime_peak is None else lifetime_peak / MB, '.0f')} MB; load average now {_load()}")
+  figures.stage("memory", {"host_peak_rss_bytes": profiling.host_peak_rss_bytes(),
+                           "device_peak_bytes": lifetime_peak})
+  figures["methods"] = {r.method: {"fit_s": r.fit_s, "model_s": r.model_s, "ms_per_image": r.ms,
+                                   "images_per_s": _per_second(r.ms), "device_peak_bytes": r.device_bytes,
+                                   "model_bytes": r.model_bytes, "image_auroc": r.image_auroc,
+                                   "pixel_auroc": r.pixel_auroc} for r in rows}
+  figures.dump()
 
   if args.max_samples_sweep:
     values = [int(v) for v in args.max_samples_sweep.split(",") if v.strip()]
@@ -353,7 +596,6 @@ def main(argv=None) -> int:
       k_end = "/".join(str(i.n_components) for i in model.fit_info.values())
       print(f"  {v or 'all':>11} {global_s:9.1f} {local_s:8.1f} {fit_s:7.1f} {k_end:>15s} {img:10.4f} "
             f"{_fmt(px, '9.4f'):>9s}")
-  return 0
 
 
 if __name__ == "__main__":

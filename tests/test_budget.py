@@ -76,3 +76,77 @@ def test_stratified_subsample_keeps_everything_and_names_bad_sizes():
                                 np.arange(24))
   with pytest.raises(ValueError, match=r"n_images, h, w and n_used must be >= 1, got 2, 0, 4, 5"):
     budget.stratified_subsample(jax.random.key(0), 2, 0, 4, 5)
+
+
+def test_plan_samples_affords_the_budget_and_keeps_the_floor():
+  cost = budget.IterationCost(fixed=0.2, per_vector=1e-6)  # seconds per iteration: 0.2 + 1e-6 n
+  plan = budget.plan_samples(10_000_000, 24, 1000, 60.0, cost, n_iter=50)
+  assert plan.n_used == int((60.0 / 50 - 0.2) / 1e-6) and plan.reason == "budget"
+  assert plan.est_seconds == pytest.approx(50 * (0.2 + 1e-6 * plan.n_used))
+  assert plan.est_bytes == budget.estimate_fit_bytes(plan.n_used, 24, 1000)
+  everything = budget.plan_samples(500_000, 24, 1000, 60.0, cost, n_iter=50)
+  assert everything.n_used == 500_000 and everything.reason == "all"
+  # a budget below the fixed cost keeps the floor of 10 vectors per initial component
+  tiny = budget.plan_samples(10_000_000, 24, 1000, 1.0, cost)
+  assert tiny.n_used == budget.MIN_SAMPLES_PER_COMPONENT * 1000
+  with pytest.raises(ValueError, match=r"per_vector > 0"):
+    budget.plan_samples(100, 24, 10, 1.0, budget.IterationCost(0.0, 0.0))
+
+
+def test_probe_timing_skips_the_compiling_iteration(monkeypatch):
+  clock = iter([10.0, 13.0, 15.0, 17.0, 20.0])  # iteration 1 ends at 10 s (it compiled), then 3, 2, 2 s
+  monkeypatch.setattr(budget.time, "perf_counter", lambda: next(clock))
+
+  def probe_fit(callback):
+    for i in range(4):
+      callback(i + 1, -1.0, 5)
+
+  assert budget.measure_iteration_seconds(probe_fit) == pytest.approx(7.0 / 3)
+  with pytest.raises(RuntimeError, match="needs at least 2"):
+    budget.measure_iteration_seconds(lambda cb: cb(1, -1.0, 5))
+
+
+def test_iteration_cost_is_the_line_through_two_probes(monkeypatch):
+  seconds = {1000: 0.5 + 1000 * 2e-4, 5000: 0.5 + 5000 * 2e-4}  # fixed 0.5 s + 0.2 ms per vector
+  monkeypatch.setattr(budget, "measure_iteration_seconds", lambda probe: probe())
+  cost = budget.measure_iteration_cost(lambda n: (lambda: seconds[n]), (1000, 5000))
+  assert cost.fixed == pytest.approx(0.5) and cost.per_vector == pytest.approx(2e-4)
+  # noise that makes the larger probe cheaper: no fixed part, the larger probe's cost per vector
+  seconds[5000] = 0.6
+  cost = budget.measure_iteration_cost(lambda n: (lambda: seconds[n]), (1000, 5000))
+  assert cost.fixed == 0.0 and cost.per_vector == pytest.approx(0.6 / 5000)
+
+
+def test_auto_budget_in_the_glad_fit_subsamples_only_past_the_probe_size():
+  from glad_jax.config import GLADConfig
+  from glad_jax.methods import glad
+
+  rng = np.random.default_rng(0)
+  n, h, w, d = 40, 32, 32, 4  # 40,960 vectors > the larger probe
+  feats = {"layer1": (rng.standard_normal((n, h, w, d)) + rng.integers(0, 3, (n, h, w, 1)) * 4).astype(np.float32)}
+  base = GLADConfig(layers=("layer1",), n_components=4, max_iter=5, local_max_iter=3, image_size=64,
+                    max_samples="auto")
+  events = []
+  _, infos = glad.fit_with_info(feats, base.replace(fit_budget_s=1e-4), jax.random.key(0),
+                                progress=lambda stage, info: events.append((stage, info)))
+  info = infos["layer1"]
+  assert info.global_reason == glad.REASON_BUDGET and info.n_samples == n * h * w
+  assert info.n_samples_global == budget.MIN_SAMPLES_PER_COMPONENT * 4  # the floor: the budget is tiny
+  plan = [i for s, i in events if s == "plan"][0]
+  assert plan["n_used"] == info.n_samples_global and plan["est_seconds"] > 0 and plan["est_mb"] > 0
+  _, infos = glad.fit_with_info(feats, base.replace(fit_budget_s=1e6), jax.random.key(0))
+  assert infos["layer1"].global_reason == glad.REASON_ALL and infos["layer1"].n_samples_global == n * h * w
+  small = {"layer1": feats["layer1"][:8]}  # 8,192 vectors: no probe, every vector
+  _, infos = glad.fit_with_info(small, base.replace(fit_budget_s=1e-4), jax.random.key(0))
+  assert infos["layer1"].global_reason == glad.REASON_ALL and infos["layer1"].n_samples_global == 8 * h * w
+  with pytest.raises(ValueError, match="max_samples must be 'auto', None or an int"):
+    glad.check_config(base.replace(max_samples="many"))
+
+
+def test_max_samples_command_line_values():
+  from glad_jax.config import parse_max_samples
+
+  assert parse_max_samples("auto") == "auto" and parse_max_samples("all") is None
+  assert parse_max_samples("100,000") == 100_000
+  with pytest.raises(ValueError, match="'auto', 'all' or a positive integer, got '0'"):
+    parse_max_samples("0")

@@ -34,6 +34,7 @@ Progress = Callable[[str, Mapping[str, Any]], None]
 
 REASON_ALL = "all"
 REASON_MAX_SAMPLES = "max_samples cap"
+REASON_BUDGET = "time budget"
 
 
 @dataclasses.dataclass
@@ -51,7 +52,7 @@ class LayerFitInfo:
   seconds_global: float
   seconds_local: float
   mean_nnz: float | None  # mean non-zero local weights per position
-  global_reason: str = REASON_ALL  # why n_samples_global: "all" / "max_samples cap" / "budget"
+  global_reason: str = REASON_ALL  # why n_samples_global: "all" / "max_samples cap" / "time budget"
 
 
 @struct.dataclass
@@ -143,8 +144,11 @@ def check_config(c: GLADConfig) -> None:
     raise ValueError(f"config.mask must be 'none', 'object' or 'margin', got {c.mask!r}")
   if c.align not in ("none",) + align_lib.MODELS:
     raise ValueError(f"config.align: unknown motion model {c.align!r}")
-  if c.max_samples is not None and c.max_samples < 1:
-    raise ValueError(f"config.max_samples must be None or >= 1, got {c.max_samples}")
+  if c.max_samples is not None and c.max_samples != "auto" and (
+      isinstance(c.max_samples, bool) or not isinstance(c.max_samples, (int, np.integer)) or c.max_samples < 1):
+    raise ValueError(f"config.max_samples must be 'auto', None or an int >= 1, got {c.max_samples!r}")
+  if c.max_samples == "auto" and not c.fit_budget_s > 0:
+    raise ValueError(f"config.fit_budget_s must be > 0 seconds, got {c.fit_budget_s!r}")
   if c.radius < 0:
     raise ValueError(f"config.radius must be >= 0, got {c.radius}")
   if c.backbone_dtype not in ("float32", "bfloat16"):
@@ -170,22 +174,85 @@ def make_mask(config: GLADConfig, aligned_images: np.ndarray | None) -> np.ndarr
   return np.asarray(masks.object_mask(np.asarray(aligned_images)))
 
 
-def _fit_layer(feats: Any, c: GLADConfig, key: jax.Array, name: str, mesh, progress: Progress | None
+def _global_samples(c: GLADConfig, shape: tuple[int, int, int, int], key: jax.Array, rows: Callable, mesh,
+                    seconds_budget: float | None, *, distributed_plan: bool = False
+                    ) -> tuple[np.ndarray | None, str, dict[str, float]]:
+  """Which of a layer's n_images * h * w vectors the global fit uses: (sorted flat indices, or None for
+  all; the reason; the plan's estimate {est_seconds, est_mb} for the progress line, or {}).
+
+  max_samples="auto": when the layer has more vectors than the larger of `budget.PROBE_SIZES`, two short
+  probe fits (the layer's own algorithm and pruning path, `budget.PROBE_ITERATIONS` timed iterations on
+  stratified probes of both sizes) measure the iteration cost as fixed + per-vector seconds;
+  `budget.plan_samples` turns `seconds_budget` into a vector count, drawn by `budget.stratified_subsample`
+  (every image and grid position keeps its share).
+  In a multi-process fit process 0's plan is used by all (the clocks differ). An int: a seeded random
+  subset of at most that many. None: every vector.
+  """
+  from glad_jax.mixture import budget, em, kmle
+
+  n_images, h, w, d = shape
+  n_all = n_images * h * w
+  if c.max_samples == "auto":
+    small, large = budget.PROBE_SIZES
+    if n_all <= large or seconds_budget is None:
+      return None, REASON_ALL, {}
+    k = min(c.n_components, n_all)
+
+    def probe_fit_of(n):
+      probe_x = rows(budget.stratified_subsample(jax.random.fold_in(key, n), n_images, h, w, n))
+      settings = dict(n_components=min(k, n), use_oas=c.use_oas,  # the full fit's K: the cost grows with it
+                      max_iter=budget.PROBE_ITERATIONS + 1, tol=0.0)
+
+      def probe_fit(callback):
+        if c.algorithm == "kmle":
+          kmle.fit_kmle(probe_x, kmle.KMLEConfig(**settings), key, mesh=mesh, callback=callback)
+        else:
+          em.fit_em(probe_x, em.EMConfig(**settings), key, mesh=mesh, callback=callback)
+      return probe_fit
+
+    cost = budget.measure_iteration_cost(probe_fit_of, (small, large))
+    plan = budget.plan_samples(n_all, d, k, seconds_budget, cost)
+    n_used = plan.n_used
+    if distributed_plan:
+      from jax.experimental import multihost_utils
+
+      n_used = int(multihost_utils.broadcast_one_to_all(np.int64(n_used)))
+    estimate = {"est_seconds": float(plan.est_seconds), "est_mb": plan.est_bytes / 2**20}
+    if n_used >= n_all:
+      return None, REASON_ALL, estimate
+    return budget.stratified_subsample(key, n_images, h, w, n_used), REASON_BUDGET, estimate
+  if c.max_samples is not None and n_all > c.max_samples:
+    return (np.sort(np.asarray(jax.random.choice(key, n_all, (c.max_samples,), replace=False))),
+            REASON_MAX_SAMPLES, {})
+  return None, REASON_ALL, {}
+
+
+def _fit_layer(feats: Any, c: GLADConfig, key: jax.Array, name: str, mesh, progress: Progress | None,
+               image_mask: jax.Array | None = None, seconds_budget: float | None = None
                ) -> tuple[scoring.LayerModel, LayerFitInfo, Any]:
   from glad_jax.mixture import em, kmle
 
   n_images, h, w, d = feats.shape
-  x = feats.reshape(-1, d)
-  n_all = x.shape[0]
   sub_key, fit_key = jax.random.split(key)
-  reason = REASON_ALL
-  if c.max_samples is not None and n_all > c.max_samples:
-    idx = np.sort(np.asarray(jax.random.choice(sub_key, n_all, (c.max_samples,), replace=False)))
-    x = x[idx]
-    reason = REASON_MAX_SAMPLES
+  if image_mask is None:
+    flat = feats.reshape(-1, d)
+    rows = lambda idx: flat if idx is None else flat[idx]  # noqa: E731
+  else:
+    # A multi-process global array with padding images: the vectors of the real images, and
+    # the subset drawn from their count, in the one-process order (so the same vectors and the
+    # same seeded initialisation as a one-process fit of all images).
+    from glad_jax import distributed
+
+    n_images = int(np.sum(distributed.host_array(image_mask)))
+    rows = lambda idx: distributed.sample_rows(feats, image_mask, mesh, idx)  # noqa: E731
+  n_all = n_images * h * w
+  idx, reason, estimate = _global_samples(c, (n_images, h, w, d), sub_key, rows, mesh, seconds_budget,
+                                          distributed_plan=image_mask is not None)
+  x = rows(idx)
   k = min(c.n_components, x.shape[0])
   if progress is not None:
-    progress("plan", {"layer": name, "n_vectors": int(n_all), "n_used": int(x.shape[0]), "reason": reason})
+    progress("plan", {"layer": name, "n_vectors": int(n_all), "n_used": int(x.shape[0]), "reason": reason,
+                      **estimate})
 
   def cb(iteration, mean_loglik, n_live):
     if progress is not None:
@@ -212,6 +279,8 @@ def _fit_layer(feats: Any, c: GLADConfig, key: jax.Array, name: str, mesh, progr
 
     # mesh only when given: the local fit's sharded path is optional.
     extra = {} if mesh is None else {"mesh": mesh}
+    if image_mask is not None:
+      extra["image_mask"] = image_mask
     local = local_lib.fit_local_weights(feats, mixture, radius=c.radius, max_iter=c.local_max_iter, tol=c.tol,
                                         callback=local_cb, **extra)
     mean_nnz = float(local_lib.sparsity_stats(local).mean_nnz)
@@ -223,6 +292,12 @@ def _fit_layer(feats: Any, c: GLADConfig, key: jax.Array, name: str, mesh, progr
       mean_nnz=mean_nnz, global_reason=reason)
   # What an online update needs (glad_jax.online): the final hard assignment's statistics of the
   # vectors the global fit used, one more assignment pass.
+  if image_mask is not None:
+    # The statistics are host arithmetic over all the fit's vectors (as in a one-process fit,
+    # which holds them on its one host too): every process gets the whole set.
+    from glad_jax import distributed
+
+    x = distributed.host_array(x)
   update_stats = online_lib.layer_update_stats(mixture, x, n_all=int(n_all), n_images=int(n_images),
                                                grid_shape=(int(h), int(w)), radius=c.radius,
                                                local=c.local)
@@ -231,8 +306,8 @@ def _fit_layer(feats: Any, c: GLADConfig, key: jax.Array, name: str, mesh, progr
 
 def fit_with_info(features: Mapping[str, Any], config: GLADConfig, key: jax.Array, *,
                   image_size: int | None = None, images: np.ndarray | None = None,
-                  reference: np.ndarray | None = None, mesh=None, progress: Progress | None = None
-                  ) -> tuple[GLADState, dict[str, LayerFitInfo]]:
+                  reference: np.ndarray | None = None, mesh=None, progress: Progress | None = None,
+                  image_mask: Any = None) -> tuple[GLADState, dict[str, LayerFitInfo]]:
   """`fit`, also returning what each layer's fit did ({layer: `LayerFitInfo`})."""
   c = config
   check_config(c)
@@ -247,10 +322,20 @@ def fit_with_info(features: Mapping[str, Any], config: GLADConfig, key: jax.Arra
   if c.align != "none" and reference is None:
     raise ValueError(f"config.align={c.align!r} needs the alignment reference (reference=..., the first "
                      "training image)")
+  if image_mask is not None and mesh is None:
+    raise ValueError("image_mask (the padding images of a multi-process global array) needs the mesh of "
+                     "the features (glad_jax.distributed.global_mesh())")
   layers, infos, update_stats = {}, {}, {}
+  budget_left = float(c.fit_budget_s) if c.max_samples == "auto" else None
   for i, name in enumerate(c.layers):
+    # The time budget of the global fits is shared: each layer gets an equal part of what is left, so a
+    # layer that converges early leaves its time to the next ones.
+    share = None if budget_left is None else max(budget_left, 0.0) / (len(c.layers) - i)
     layers[name], infos[name], update_stats[name] = _fit_layer(
-        _as_layer_features(features[name]), c, jax.random.fold_in(key, i), name, mesh, progress)
+        _as_layer_features(features[name]), c, jax.random.fold_in(key, i), name, mesh, progress,
+        image_mask, seconds_budget=None if share is None else max(share, 1e-3))
+    if budget_left is not None:
+      budget_left -= infos[name].seconds_global
   mask = make_mask(c, images)
   ref = None if c.align == "none" else jnp.asarray(np.asarray(reference, np.uint8))
   state = GLADState(layers=layers, reference=ref, mask=None if mask is None else jnp.asarray(mask),
@@ -260,7 +345,7 @@ def fit_with_info(features: Mapping[str, Any], config: GLADConfig, key: jax.Arra
 
 def fit(features: Mapping[str, Any], config: GLADConfig, key: jax.Array, *, image_size: int | None = None,
         images: np.ndarray | None = None, reference: np.ndarray | None = None, mesh=None,
-        progress: Progress | None = None) -> GLADState:
+        progress: Progress | None = None, image_mask: Any = None) -> GLADState:
   """Fits GLAD on backbone features of good images.
 
   Args:
@@ -273,12 +358,15 @@ def fit(features: Mapping[str, Any], config: GLADConfig, key: jax.Array, *, imag
     reference: the alignment reference (S, S, 3) uint8: needed when config.align != 'none'.
     mesh: optional 1-D mesh on which the global (and local) fits shard their samples.
     progress: optional callback(stage, info): 'plan', 'global', 'global_done', 'local'.
+    image_mask: with features that are multi-process global arrays (`glad_jax.distributed.to_global`,
+      over `mesh`): their (N,) validity mask, False on padding images. The fit then uses the real
+      images only, in global order, and gives the one-process model of those images.
 
   Returns:
-    A `GLADState` with uncalibrated (NaN) thresholds.
+    A `GLADState` with uncalibrated (NaN) thresholds, on this process's devices.
   """
   return fit_with_info(features, config, key, image_size=image_size, images=images, reference=reference,
-                       mesh=mesh, progress=progress)[0]
+                       mesh=mesh, progress=progress, image_mask=image_mask)[0]
 
 
 # ----------------------------------------------------------------------------------------- score

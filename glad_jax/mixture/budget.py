@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import time
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -148,3 +149,88 @@ def stratified_subsample(key: jax.Array, n_images: int, h: int, w: int,
   offset = np.arange(n_used) - np.repeat(start, per_image)
   position = cycle[(np.repeat(start, per_image) + offset) % positions]
   return np.sort(image.astype(np.int64) * positions + position)
+
+
+# ------------------------------------------------------------------ automatic budget from the real fit step
+
+# The two probe sizes: an iteration costs a + b n (a: the per-iteration work that does not grow with the
+# samples, such as the M-step over K d x d covariances and the driver's host step; b: per vector), and the two
+# probes measure both, so that a small probe does not make the per-vector cost look larger than it is.
+PROBE_SIZES = (8_192, 32_768)
+# Probe iterations: the first one is not timed (it compiles), the next ones are.
+PROBE_ITERATIONS = 3
+
+
+def measure_iteration_seconds(probe_fit: Callable[[Callable[..., None]], Any]) -> float:
+  """Seconds of one iteration of a probe fit, compilation excluded.
+
+  `probe_fit(callback)` must run at least 2 iterations of the layer's actual fit (same algorithm, d, K and
+  pruning path as the full fit) and call ``callback(iteration, ...)`` after each; the clock runs from the
+  first callback (after compilation and the first iteration) to the last.
+  """
+  stamps: list[float] = []
+
+  def callback(*_):
+    stamps.append(time.perf_counter())
+
+  probe_fit(callback)
+  if len(stamps) < 2:
+    raise RuntimeError(f"the probe fit ran {len(stamps)} iteration(s); it needs at least 2 to be timed")
+  return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+
+class IterationCost(NamedTuple):
+  """Seconds of one fit iteration on n vectors: ``fixed + per_vector * n`` (measured, `measure_iteration_cost`)."""
+  fixed: float
+  per_vector: float
+
+  def seconds(self, n: int) -> float:
+    return self.fixed + self.per_vector * n
+
+
+def measure_iteration_cost(probe_fit_of: Callable[[int], Callable[[Callable[..., None]], Any]],
+                           sizes: tuple[int, int]) -> IterationCost:
+  """The line through the iteration seconds of two probe fits of `sizes` (n1 < n2) vectors.
+
+  `probe_fit_of(n)` returns the `measure_iteration_seconds` probe on n vectors. A noisy measurement
+  that gives a non-increasing cost falls back to no fixed part (all the larger probe's cost per vector).
+  """
+  n1, n2 = sizes
+  t1 = measure_iteration_seconds(probe_fit_of(n1))
+  t2 = measure_iteration_seconds(probe_fit_of(n2))
+  if n2 <= n1 or t2 <= t1:
+    return IterationCost(0.0, t2 / max(1, n2))
+  per_vector = (t2 - t1) / (n2 - n1)
+  return IterationCost(max(0.0, t2 - per_vector * n2), per_vector)
+
+
+class SamplePlan(NamedTuple):
+  """How many vectors a layer's global fit uses, and what that is expected to cost.
+
+  Attributes:
+    n_used: vectors the global fit uses (<= the layer's vectors).
+    reason: "all" (every vector fits in the budget) or "budget" (subsampled to fit it).
+    est_seconds: expected seconds of the global fit, at `DEFAULT_ITERATIONS` iterations.
+    est_bytes: `estimate_fit_bytes` of the fit.
+  """
+  n_used: int
+  reason: str
+  est_seconds: float
+  est_bytes: int
+
+
+def plan_samples(n_vectors: int, d: int, k: int, seconds_budget: float, cost: IterationCost,
+                 *, n_iter: int = DEFAULT_ITERATIONS) -> SamplePlan:
+  """The largest n with ``n_iter * cost.seconds(n) <= seconds_budget`` (at least
+  ``min(n_vectors, MIN_SAMPLES_PER_COMPONENT * k)``, at most n_vectors)."""
+  if n_vectors < 1:
+    raise ValueError(f"n_vectors must be >= 1, got {n_vectors!r}")
+  if not seconds_budget > 0:
+    raise ValueError(f"seconds_budget must be > 0, got {seconds_budget!r}")
+  if not cost.per_vector > 0 or cost.fixed < 0:
+    raise ValueError(f"the iteration cost must have per_vector > 0 and fixed >= 0, got {cost!r}")
+  affordable = int(max(0.0, seconds_budget / n_iter - cost.fixed) / cost.per_vector)
+  floor = min(n_vectors, MIN_SAMPLES_PER_COMPONENT * k)
+  n_used = int(max(floor, min(n_vectors, affordable)))
+  return SamplePlan(n_used, "all" if n_used == n_vectors else "budget", n_iter * cost.seconds(n_used),
+                    estimate_fit_bytes(n_used, d, k))

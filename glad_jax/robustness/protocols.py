@@ -343,8 +343,14 @@ class FittedMethod:
     return Prediction(scores, maps, None, None)
 
 
-def _method_key(seed: int, name: str) -> jax.Array:
-  return jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
+def _method_key(seed: int, method: Variant) -> jax.Array:
+  """The fit's key: a method whose config carries its own seed (GLAD) gets ``key(config.seed)``, the key its
+  facade (`GLAD.fit`, `glad fit`) uses, so a protocol fits the same model; others ``fold_in(key(seed),
+  crc32(registered name))``."""
+  own = getattr(method.config, "seed", None)
+  if own is not None:
+    return jax.random.key(int(own))
+  return jax.random.fold_in(jax.random.key(seed), zlib.crc32(method.method.encode()) & 0x7FFFFFFF)
 
 
 def fit_method(method: Variant, train: ImageSet, extractor: FeatureExtractor, *, seed: int = 0,
@@ -356,8 +362,8 @@ def fit_method(method: Variant, train: ImageSet, extractor: FeatureExtractor, *,
     train: the training `ImageSet` (features of every layer the method uses; its aligned images and
       reference are passed on as ``images=`` / ``reference=``).
     extractor: the shared backbone (its parameters make the end-to-end `apply`).
-    seed: seeds the fit: key ``fold_in(key(seed), crc32(method name))``, the same for every
-      variant of one registered method (the ablations differ in their config only).
+    seed: seeds the fit of methods without a seed of their own (see `_method_key`): the same key for
+      every variant of one registered method (the ablations differ in their config only).
     progress: optional callback, passed to the fit.
 
   Returns:
@@ -370,7 +376,7 @@ def fit_method(method: Variant, train: ImageSet, extractor: FeatureExtractor, *,
   size = extractor.image_size
   feats = {name: train.features[name] for name in method.layers}
   t0 = time.perf_counter()
-  state = m.fit(feats, method.config, _method_key(seed, method.method), image_size=size,
+  state = m.fit(feats, method.config, _method_key(seed, method), image_size=size,
                 images=train.images, reference=train.reference, progress=progress)
   jax.block_until_ready(state)
   seconds = time.perf_counter() - t0
