@@ -102,14 +102,10 @@ def choose_sample_budget(n_vectors: int, d: int, k: int, seconds_budget: float,
   Returns:
     n_used, an int in [1, n_vectors].
   """
-  if n_vectors < 1:
-    raise ValueError(f"n_vectors must be >= 1, got {n_vectors!r}")
-  if not seconds_budget > 0:
-    raise ValueError(f"seconds_budget must be > 0, got {seconds_budget!r}")
-  per_sample = estimate_fit_seconds(1, d, k, n_iter, throughput)
-  n = int(seconds_budget / per_sample)
-  floor = min(n_vectors, MIN_SAMPLES_PER_COMPONENT * k)
-  return int(max(floor, min(n_vectors, n)))
+  # The flop model as an iteration cost with no fixed part: the same inversion, floor and cap as the
+  # measured plan.
+  per_vector = estimate_fit_seconds(1, d, k, 1, throughput)
+  return plan_samples(n_vectors, d, k, seconds_budget, IterationCost(0.0, per_vector), n_iter=n_iter).n_used
 
 
 def stratified_subsample(key: jax.Array, n_images: int, h: int, w: int,
@@ -229,7 +225,7 @@ def plan_samples(n_vectors: int, d: int, k: int, seconds_budget: float, cost: It
     raise ValueError(f"seconds_budget must be > 0, got {seconds_budget!r}")
   if not cost.per_vector > 0 or cost.fixed < 0:
     raise ValueError(f"the iteration cost must have per_vector > 0 and fixed >= 0, got {cost!r}")
-  affordable = int(max(0.0, seconds_budget / n_iter - cost.fixed) / cost.per_vector)
+  affordable = int(max(0.0, seconds_budget - n_iter * cost.fixed) / (n_iter * cost.per_vector))
   floor = min(n_vectors, MIN_SAMPLES_PER_COMPONENT * k)
   n_used = int(max(floor, min(n_vectors, affordable)))
   return SamplePlan(n_used, "all" if n_used == n_vectors else "budget", n_iter * cost.seconds(n_used),
