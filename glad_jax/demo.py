@@ -17,7 +17,7 @@ from glad_jax.config import GLADConfig
 
 # A subset and K that finish in a few minutes on a 2-core CPU (measured; see README).
 DEMO_SUBSET = dict(cell_type="mono", max_train=120, max_test_good=60, max_test_anomalous=60)
-DEMO_CONFIG = GLADConfig(n_components=100, max_samples=100_000)
+DEMO_CONFIG = GLADConfig(n_components=100)
 # The same job shrunk to a smoke test (CI): a handful of images at a lower resolution.
 QUICK_SUBSET = dict(cell_type="mono", max_train=12, max_test_good=6, max_test_anomalous=6)
 QUICK_CONFIG = GLADConfig(n_components=8, max_iter=10, local_max_iter=10, image_size=128)

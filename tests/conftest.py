@@ -59,3 +59,20 @@ def tiny_config():
   from glad_jax.config import GLADConfig
 
   return GLADConfig(backbone="resnet_tiny", image_size=64, n_components=4, max_iter=20)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drops JAX's compiled executables after each test module.
+
+  Every XLA:CPU executable keeps a few memory mappings for its code until its cache entry goes;
+  one process running the whole suite accumulated ~5,000 per module and crashed inside the
+  compiler (segfault / abort) once it reached the kernel's vm.max_map_count (65,530 by default).
+  """
+  yield
+  import gc
+
+  import jax
+
+  jax.clear_caches()
+  gc.collect()

@@ -150,3 +150,59 @@ def test_max_samples_command_line_values():
   assert parse_max_samples("100,000") == 100_000
   with pytest.raises(ValueError, match="'auto', 'all' or a positive integer, got '0'"):
     parse_max_samples("0")
+
+
+def test_default_caps_are_stratified_and_wide_layers_get_fewer_vectors():
+  """max_samples and max_sample_work both cap a layer's global-fit vectors; the subset keeps every image
+  and position (budget.stratified_subsample), and the paper's settings use them all."""
+  from glad_jax.config import GLADConfig
+  from glad_jax.methods import glad
+  from glad_jax.mixture.gaussian import expanded_size
+
+  n, h, w = 6, 8, 8
+  key = jax.random.key(0)
+  rows = lambda idx: idx  # noqa: E731
+  config = GLADConfig(max_samples=200, max_sample_work=150 * expanded_size(4))
+  narrow, reason, _ = glad._global_samples(config, (n, h, w, 4), key, rows, None, None)
+  wide, _, _ = glad._global_samples(config, (n, h, w, 12), key, rows, None, None)
+  assert reason == glad.REASON_MAX_SAMPLES and narrow.size == 150                  # the work cap at d = 4
+  assert wide.size == 150 * expanded_size(4) // expanded_size(12) < narrow.size     # fewer at d = 12
+  np.testing.assert_array_equal(narrow, budget.stratified_subsample(key, n, h, w, 150))
+  assert set(np.unique(narrow // (h * w))) == set(range(n))                         # every image
+  assert set(np.unique(narrow % (h * w))) == set(range(h * w))                      # every position
+  loose = config.replace(max_sample_work=None)
+  assert glad._global_samples(loose, (n, h, w, 12), key, rows, None, None)[0].size == 200
+  paper = config.paper()
+  assert paper.max_samples is None and paper.max_sample_work is None and paper.label_tol is None
+  assert glad._global_samples(paper, (n, h, w, 12), key, rows, None, None)[:2] == (None, glad.REASON_ALL)
+  with pytest.raises(ValueError, match="label_tol must be in"):
+    glad.check_config(config.replace(label_tol=1.5))
+  with pytest.raises(ValueError, match="max_sample_work must be"):
+    glad.check_config(config.replace(max_sample_work=0))
+
+
+def test_label_tol_stops_the_layer_fit_earlier_than_the_paper_rule():
+  from glad_jax.config import GLADConfig
+  from glad_jax.methods import glad
+
+  rng = np.random.default_rng(1)
+  feats = {"layer1": (rng.standard_normal((6, 16, 16, 3)) + rng.integers(0, 4, (6, 16, 16, 1)) * 3)
+           .astype(np.float32)}
+  base = GLADConfig(layers=("layer1",), n_components=24, max_iter=60, tol=0.0, local=False, image_size=64)
+  _, paper = glad.fit_with_info(feats, base.replace(label_tol=None), jax.random.key(0))
+  _, early = glad.fit_with_info(feats, base.replace(label_tol=0.05), jax.random.key(0))
+  assert early["layer1"].n_iter < paper["layer1"].n_iter and early["layer1"].converged
+  # The same fit up to the stop: the label rule only ends it sooner.
+  ll_paper, ll_early = paper["layer1"].log_likelihood, early["layer1"].log_likelihood
+  np.testing.assert_allclose(ll_early, ll_paper[:len(ll_early)], rtol=1e-6)
+
+
+def test_cli_paper_flag_and_optional_numbers():
+  from glad_jax import cli
+
+  parse = lambda *a: cli._config_from_args(cli.build_parser().parse_args(["fit", "d", "--out", "o", *a]))  # noqa: E731
+  default = parse()
+  assert default.max_samples == 100_000 and default.label_tol == 1e-3 and default.max_sample_work == 3e8
+  paper = parse("--paper")
+  assert paper.max_samples is None and paper.label_tol is None and paper.max_sample_work is None
+  assert parse("--label-tol", "none").label_tol is None and parse("--max-sample-work", "1e9").max_sample_work == 1e9

@@ -205,3 +205,22 @@ def test_bad_pruning_settings_are_named(changes, message):
   x = np.random.default_rng(6).standard_normal((100, 3)).astype(np.float32)
   with pytest.raises(ValueError, match=message):
     fit_kmle(x, KMLEConfig(n_components=2, **changes))
+
+
+def test_auto_fit_backs_off_to_dense_and_retries_pruning(monkeypatch):
+  """An iteration that leaves more than PRUNE_MAX_FALLBACK uncertified runs the next PRUNE_BACKOFF
+  iterations dense, then tries pruning again, waiting twice as long after each failure; the labels
+  (hence the fit) are those of the dense fit."""
+  monkeypatch.setattr(fit, "PRUNE_MIN_DIM", 16)
+  monkeypatch.setattr(fit, "PRUNE_MIN_WORK", 0)
+  monkeypatch.setattr(fit, "PRUNE_MAX_FALLBACK", -1.0)   # every pruned iteration counts as a failure
+  rng = np.random.default_rng(6)
+  k, n, d = 40, 4000, 24
+  _, means, covs, _ = _mixture(rng, k, d, spread=4.0)
+  x = _samples(rng, means, covs, n)
+  cfg = KMLEConfig(n_components=k, max_iter=12, tol=0.0, bound_rank=6)
+  _, info = fit_kmle(x, cfg, jax.random.key(0))
+  pruned_at = [i + 1 for i, mode in enumerate(info.assignment) if mode == "pruned"]
+  assert pruned_at == [2, 5, 10]                   # then 2, 4 and 8 dense iterations
+  _, dense = fit_kmle(x, cfg.replace(assignment="dense"), jax.random.key(0))
+  np.testing.assert_allclose(info.class_loglik, dense.class_loglik, rtol=1e-5)

@@ -149,6 +149,10 @@ def check_config(c: GLADConfig) -> None:
     raise ValueError(f"config.max_samples must be 'auto', None or an int >= 1, got {c.max_samples!r}")
   if c.max_samples == "auto" and not c.fit_budget_s > 0:
     raise ValueError(f"config.fit_budget_s must be > 0 seconds, got {c.fit_budget_s!r}")
+  if c.max_sample_work is not None and not c.max_sample_work >= 1:
+    raise ValueError(f"config.max_sample_work must be >= 1 or None, got {c.max_sample_work!r}")
+  if c.label_tol is not None and not 0.0 <= c.label_tol < 1.0:
+    raise ValueError(f"config.label_tol must be in [0, 1) or None, got {c.label_tol!r}")
   if c.radius < 0:
     raise ValueError(f"config.radius must be >= 0, got {c.radius}")
   if c.backbone_dtype not in ("float32", "bfloat16"):
@@ -185,8 +189,9 @@ def _global_samples(c: GLADConfig, shape: tuple[int, int, int, int], key: jax.Ar
   stratified probes of both sizes) measure the iteration cost as fixed + per-vector seconds;
   `budget.plan_samples` turns `seconds_budget` into a vector count, drawn by `budget.stratified_subsample`
   (every image and grid position keeps its share).
-  In a multi-process fit process 0's plan is used by all (the clocks differ). An int: a seeded random
-  subset of at most that many. None: every vector.
+  In a multi-process fit process 0's plan is used by all (the clocks differ). An int: a seeded subset of at
+  most that many (and of at most ``max_sample_work / expanded_size(d)``), drawn the same stratified way.
+  None: every vector.
   """
   from glad_jax.mixture import budget, em, kmle
 
@@ -221,9 +226,14 @@ def _global_samples(c: GLADConfig, shape: tuple[int, int, int, int], key: jax.Ar
     if n_used >= n_all:
       return None, REASON_ALL, estimate
     return budget.stratified_subsample(key, n_images, h, w, n_used), REASON_BUDGET, estimate
-  if c.max_samples is not None and n_all > c.max_samples:
-    return (np.sort(np.asarray(jax.random.choice(key, n_all, (c.max_samples,), replace=False))),
-            REASON_MAX_SAMPLES, {})
+  if c.max_samples is not None:
+    cap = int(c.max_samples)
+    if c.max_sample_work is not None:
+      from glad_jax.mixture.gaussian import expanded_size
+
+      cap = min(cap, max(1, int(c.max_sample_work // expanded_size(d))))
+    if n_all > cap:
+      return budget.stratified_subsample(key, n_images, h, w, cap), REASON_MAX_SAMPLES, {}
   return None, REASON_ALL, {}
 
 
@@ -262,7 +272,8 @@ def _fit_layer(feats: Any, c: GLADConfig, key: jax.Array, name: str, mesh, progr
   settings = dict(n_components=k, max_iter=c.max_iter, tol=c.tol, use_oas=c.use_oas)
   t0 = time.perf_counter()
   if c.algorithm == "kmle":
-    mixture, info = kmle.fit_kmle(x, kmle.KMLEConfig(**settings), fit_key, mesh=mesh, callback=cb)
+    mixture, info = kmle.fit_kmle(x, kmle.KMLEConfig(**settings, label_tol=c.label_tol), fit_key, mesh=mesh,
+                                  callback=cb)
   else:
     mixture, info = em.fit_em(x, em.EMConfig(**settings), fit_key, mesh=mesh, callback=cb)
   t1 = time.perf_counter()

@@ -37,8 +37,12 @@ from glad_jax.mixture.steps import mixture_step
 # r = 32): at d = 112 the bounds leave ~2.4 candidates per sample at ~9 % of the dense pass's
 # multiply-adds; at d = 24 and 40 they need r close to d and pruning costs more than it saves.
 PRUNE_MIN_DIM = 64
-# 'auto' assignment: back to dense when an iteration certifies fewer than this share of samples.
+# 'auto' assignment: back to dense when an iteration leaves more than this share of the samples
+# uncertified, for PRUNE_BACKOFF iterations, doubling after each further failure (the bounds
+# tighten as the components separate: magnetic_tile's layer 3 left 87 % uncertified at
+# iteration 2 and a permanent switch ran its remaining 38 iterations dense, 8.5 s each).
 PRUNE_MAX_FALLBACK = 0.25
+PRUNE_BACKOFF = 2
 # 'auto' assignment: prune only when a dense pass costs at least this many multiply-adds
 # (N K (d (d + 1) / 2 + d + 1); ~0.2 s on a 2-core CPU): the pruned step takes seconds more to
 # compile, which small fits would not win back.
@@ -73,8 +77,9 @@ class KMLEConfig:
       cheap upper bounds of all K, then the best `n_candidates` exactly, and certifies the
       argmax (`glad_jax.mixture.pruned`; uncertified samples are scored densely); 'auto' prunes
       when d >= `PRUNE_MIN_DIM`, the bound's rank is below d and a dense pass would cost at
-      least `PRUNE_MIN_WORK` multiply-adds, and goes back to dense for the rest of the fit if
-      an iteration leaves more than `PRUNE_MAX_FALLBACK` of the samples uncertified.
+      least `PRUNE_MIN_WORK` multiply-adds, and goes back to dense for `PRUNE_BACKOFF`
+      iterations (twice as many after each further failure) when an iteration leaves more than
+      `PRUNE_MAX_FALLBACK` of the samples uncertified.
     bound_rank: r, the dimension of the projection behind the bounds (pruned only).
     n_candidates: C, components scored exactly per sample (pruned only).
     label_tol: K-MLE only, an extra stopping rule (not the paper's): also stop when at most this
@@ -304,8 +309,10 @@ def fit_mixture(x: Any, config: KMLEConfig, key: jax.Array, *, hard: bool,
   prev = None
   previous_labels, rows = None, None
   n_live = k0
+  dense_until, backoff = 0, PRUNE_BACKOFF   # 'auto': iterations up to dense_until run dense
   for it in range(1, config.max_iter + 1):
-    prune = basis is not None and use_pruning(config, hard, d, mixture.n_components, it, n)
+    prune = (basis is not None and it > dense_until
+             and use_pruning(config, hard, d, mixture.n_components, it, n))
     mode = "pruned" if prune else "dense" if hard else "soft"
     mixture, stats, labels = step(mixture, xc, mask, reg, min_size, basis if prune else None)
     if hard:
@@ -325,7 +332,8 @@ def fit_mixture(x: Any, config: KMLEConfig, key: jax.Array, *, hard: bool,
     modes.append(mode)
     fallbacks.append(int(s.n_fallback))
     if prune and config.assignment == "auto" and fallbacks[-1] > PRUNE_MAX_FALLBACK * n:
-      basis = None   # the bounds are too loose on this data: dense is cheaper from here on
+      # The bounds are too loose for now: dense is cheaper for the next `backoff` iterations.
+      dense_until, backoff = it + backoff, 2 * backoff
     if callback is not None:
       callback(it, cur, n_live)
     if n_live == 0:
