@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import pathlib
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
 TIRE = SHARED / "data" / "mvtec3d_tire_rgb"
 
 
@@ -47,6 +50,17 @@ def make_category(root: pathlib.Path, n_train: int = 10, n_good: int = 3, n_bad:
     Image.fromarray(img).save(root / "test/square" / f"{i:03d}.png")
     Image.fromarray(mask.astype(np.uint8) * 255).save(root / "ground_truth/square" / f"{i:03d}_mask.png")
   return root
+
+
+def load_script(name: str, monkeypatch=None):
+  """Imports scripts/<name>.py as a module; with `monkeypatch`, also registers it in sys.modules for the
+  test (dataclasses defined in the script look their module up there)."""
+  spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  if monkeypatch is not None:
+    monkeypatch.setitem(sys.modules, spec.name, module)
+  spec.loader.exec_module(module)
+  return module
 
 
 @pytest.fixture

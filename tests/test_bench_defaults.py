@@ -1,23 +1,12 @@
 """scripts/bench_defaults.py: runs `glad fit` + `glad eval` as a user would and tabulates what it measured."""
 
-import importlib.util
 import json
-import pathlib
 
-from conftest import make_category
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _script():
-  spec = importlib.util.spec_from_file_location("bench_defaults_script", ROOT / "scripts" / "bench_defaults.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from conftest import load_script, make_category
 
 
 def test_bench_defaults_runs_fit_and_eval_and_prints_the_table(tmp_path, capsys):
-  bench = _script()
+  bench = load_script("bench_defaults")
   assert bench.setting_flags("default") == [] and bench.setting_flags("50000") == ["--max-samples", "50000"]
   cat = make_category(tmp_path / "cat", n_train=6, n_good=2, n_bad=2)
   out = tmp_path / "runs"

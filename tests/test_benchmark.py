@@ -1,25 +1,16 @@
 """scripts/benchmark.py: the documented subsets, the mean rows, the errors, and --quick end to end."""
 
-import importlib.util
 import json
-import pathlib
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import make_category
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from conftest import load_script, make_category
 
 
 @pytest.fixture
 def bench(monkeypatch):
-  spec = importlib.util.spec_from_file_location("benchmark_script", ROOT / "scripts" / "benchmark.py")
-  module = importlib.util.module_from_spec(spec)
-  monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
-  spec.loader.exec_module(module)
-  return module
+  return load_script("benchmark", monkeypatch)
 
 
 def test_split_holds_out_caps_and_never_mixes_roles(bench, tmp_path):

@@ -1,23 +1,19 @@
 """scripts/compare.py end to end on a tiny synthetic MVTec-layout category (tiny test backbone)."""
 
-import importlib.util
 import json
-import pathlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import load_script
+
 S = 64
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def compare():
-  spec = importlib.util.spec_from_file_location("compare_script", ROOT / "scripts" / "compare.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script("compare")
 
 
 def _image(rng, anomalous):
