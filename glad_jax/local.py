@@ -45,9 +45,10 @@ from glad_jax.mixture.kmle import default_chunk_size
 
 DEFAULT_TILE_SIZE = 32
 # Element budget (float32 words) that bounds the memory of one fit chunk.
-# 1 GiB: at K ~ 1000 a chunk then holds ~8-16 grid rows of 64 (tire layer1: 4 chunks, the
-# halo of r rows recomputed 4 times instead of 32 at 2**26).
-_DEFAULT_CHUNK_ELEMENTS = 2**28  # (M, rows + 2R, w + 2R, K) log-densities of a chunk
+# 2 GiB: at K ~ 1000 a chunk then holds ~9-40 grid rows of 64 (tire layer1, 189 images: 2 chunks;
+# magnetic_tile layer1, 685 images: 8 chunks of 9 rows, whose r-row halos cost 22% more log-densities,
+# against 16 chunks of 4 rows and 50% at 2**28: 38 s instead of 42 s for the whole layer here).
+_DEFAULT_CHUNK_ELEMENTS = 2**29  # (M, rows + 2R, w + 2R, K) log-densities of a chunk
 # Positions fitted together after the first update (see `_fit_tile`).
 _TILE_POSITIONS = 32
 # Slots per block of `_running_argmax`; K is padded to a multiple of it.

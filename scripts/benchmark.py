@@ -65,6 +65,16 @@ def _names(text: str) -> list[str]:
   return [v.strip() for v in text.split(",") if v.strip()]
 
 
+def _max_samples(text: str):
+  from glad_jax.config import parse_max_samples
+
+  try:
+    value = parse_max_samples(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
+  return "all" if value is None else value  # not None: that means "not given"
+
+
 def build_parser() -> argparse.ArgumentParser:
   from glad_jax.config import GLADConfig
 
@@ -90,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="add the synthetic-defect validation AUROC of every fitted model (no test label used)")
   p.add_argument("--quick", action="store_true", help="tiny subsets, K=16, 128 px: a smoke test")
   p.add_argument("--k", type=int, default=None, help=f"GLAD's initial K (default {d.n_components})")
-  p.add_argument("--max-samples", type=int, default=None,
-                 help="cap on feature vectors per layer for GLAD's global fit (default: all)")
+  p.add_argument("--max-samples", type=_max_samples, default=None,
+                 help="GLAD's global-fit vectors per layer: N, 'all' or 'auto' (default: GLAD's own, "
+                      f"{d.max_samples:,} with its max_sample_work cap)")
   p.add_argument("--backbone", default=d.backbone)
   p.add_argument("--weights", default=None)
   p.add_argument("--image-size", type=int, default=None, help=f"default {d.image_size}")
@@ -108,13 +119,15 @@ def settings(args) -> dict[str, Any]:
 
   d = GLADConfig()
   base = {"max_train": MAX_TRAIN, "max_test": None, "max_held": None, "k": d.n_components,
-          "image_size": d.image_size, "max_samples": None}
+          "image_size": d.image_size, "max_samples": d.max_samples}
   if args.quick:
     base.update(QUICK)
   out = {}
   for key, default in base.items():
     given = getattr(args, key)
     out[key] = default if given is None else given
+  if out["max_samples"] == "all":
+    out["max_samples"] = None
   out["coreset_ratio"] = args.coreset_ratio
   return out
 

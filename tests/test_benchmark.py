@@ -45,6 +45,19 @@ def test_mean_rows_skip_missing_metrics(bench):
                   "pixel_auroc": 0.9, "fit_s": 3.0}
 
 
+def test_glad_uses_its_own_default_sample_cap_unless_told(bench):
+  from glad_jax.config import GLADConfig
+
+  parse = lambda *a: bench.settings(bench.build_parser().parse_args(list(a)))  # noqa: E731
+  assert parse()["max_samples"] == GLADConfig().max_samples  # the default fit, not every vector
+  assert parse("--max-samples", "all")["max_samples"] is None
+  assert parse("--max-samples", "50,000")["max_samples"] == 50_000
+  assert parse("--max-samples", "auto")["max_samples"] == "auto"
+  assert parse("--quick")["max_samples"] == bench.QUICK["max_samples"]
+  with pytest.raises(SystemExit):
+    parse("--max-samples", "0")
+
+
 def test_errors(bench, tmp_path, capsys):
   assert bench.main(["--dev", "tire"]) == 2
   assert "--dev: unknown development categories ['tire']" in capsys.readouterr().err

@@ -165,13 +165,14 @@ def test_default_caps_are_stratified_and_wide_layers_get_fewer_vectors():
   config = GLADConfig(max_samples=200, max_sample_work=150 * expanded_size(4))
   narrow, reason, _ = glad._global_samples(config, (n, h, w, 4), key, rows, None, None)
   wide, _, _ = glad._global_samples(config, (n, h, w, 12), key, rows, None, None)
-  assert reason == glad.REASON_MAX_SAMPLES and narrow.size == 150                  # the work cap at d = 4
+  assert reason == glad.REASON_MAX_WORK and narrow.size == 150                     # the work cap at d = 4
   assert wide.size == 150 * expanded_size(4) // expanded_size(12) < narrow.size     # fewer at d = 12
   np.testing.assert_array_equal(narrow, budget.stratified_subsample(key, n, h, w, 150))
   assert set(np.unique(narrow // (h * w))) == set(range(n))                         # every image
   assert set(np.unique(narrow % (h * w))) == set(range(h * w))                      # every position
   loose = config.replace(max_sample_work=None)
-  assert glad._global_samples(loose, (n, h, w, 12), key, rows, None, None)[0].size == 200
+  idx, reason, _ = glad._global_samples(loose, (n, h, w, 12), key, rows, None, None)
+  assert idx.size == 200 and reason == glad.REASON_MAX_SAMPLES
   paper = config.paper()
   assert paper.max_samples is None and paper.max_sample_work is None and paper.label_tol is None
   assert glad._global_samples(paper, (n, h, w, 12), key, rows, None, None)[:2] == (None, glad.REASON_ALL)

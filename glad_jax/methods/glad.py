@@ -34,6 +34,7 @@ Progress = Callable[[str, Mapping[str, Any]], None]
 
 REASON_ALL = "all"
 REASON_MAX_SAMPLES = "max_samples cap"
+REASON_MAX_WORK = "max_sample_work cap"
 REASON_BUDGET = "time budget"
 
 
@@ -52,7 +53,8 @@ class LayerFitInfo:
   seconds_global: float
   seconds_local: float
   mean_nnz: float | None  # mean non-zero local weights per position
-  global_reason: str = REASON_ALL  # why n_samples_global: "all" / "max_samples cap" / "time budget"
+  global_reason: str = REASON_ALL  # why n_samples_global: "all" / "max_samples cap" / "max_sample_work cap" /
+  #                                   "time budget"
 
 
 @struct.dataclass
@@ -227,13 +229,15 @@ def _global_samples(c: GLADConfig, shape: tuple[int, int, int, int], key: jax.Ar
       return None, REASON_ALL, estimate
     return budget.stratified_subsample(key, n_images, h, w, n_used), REASON_BUDGET, estimate
   if c.max_samples is not None:
-    cap = int(c.max_samples)
+    cap, reason = int(c.max_samples), REASON_MAX_SAMPLES
     if c.max_sample_work is not None:
       from glad_jax.mixture.gaussian import expanded_size
 
-      cap = min(cap, max(1, int(c.max_sample_work // expanded_size(d))))
+      work_cap = max(1, int(c.max_sample_work // expanded_size(d)))
+      if work_cap < cap:
+        cap, reason = work_cap, REASON_MAX_WORK
     if n_all > cap:
-      return budget.stratified_subsample(key, n_images, h, w, cap), REASON_MAX_SAMPLES, {}
+      return budget.stratified_subsample(key, n_images, h, w, cap), reason, {}
   return None, REASON_ALL, {}
 
 
