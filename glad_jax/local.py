@@ -45,9 +45,9 @@ from glad_jax.mixture.kmle import default_chunk_size
 
 DEFAULT_TILE_SIZE = 32
 # Element budget (float32 words) that bounds the memory of one fit chunk.
-# 2 GiB: at K ~ 1000 a chunk then holds ~9-40 grid rows of 64 (tire layer1, 189 images: 2 chunks;
-# magnetic_tile layer1, 685 images: 8 chunks of 9 rows, whose r-row halos cost 22% more log-densities,
-# against 16 chunks of 4 rows and 50% at 2**28: 38 s instead of 42 s for the whole layer here).
+# 2 GiB: at K ~ 1000 a chunk then holds ~10-40 grid rows of 64 (tire layer1, 210 images: 2 chunks;
+# magnetic_tile layer1, 685 images, K = 988: 7 chunks of 10 rows, whose r-row halos cost 20% more
+# log-densities, against 16 chunks of 4 rows and 50% at 2**28: 43 s instead of 50 s for the layer).
 _DEFAULT_CHUNK_ELEMENTS = 2**29  # (M, rows + 2R, w + 2R, K) log-densities of a chunk
 # Positions fitted together after the first update (see `_fit_tile`).
 _TILE_POSITIONS = 32
