@@ -379,6 +379,19 @@ def run(args) -> tuple[str, dict[str, Any]]:
   return report, data
 
 
+def write_outputs(out: str | pathlib.Path, name: str, report: str, data: dict[str, Any]
+                  ) -> tuple[pathlib.Path, pathlib.Path]:
+  """Writes OUT/<name>.md (the printed report) and OUT/<name>.json (every number); returns both paths."""
+  from glad_jax.report import write_json, write_text
+
+  out = pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  md, js = out / f"{name}.md", out / f"{name}.json"
+  write_text(md, report)
+  write_json(js, data)
+  return md, js
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   try:
@@ -388,13 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   print(report, end="")
   if args.out:
-    from glad_jax.report import write_json, write_text
-
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "benchmark.md", report)
-    write_json(out / "benchmark.json", data)
-    print(f"benchmark: wrote {out / 'benchmark.md'} and {out / 'benchmark.json'}", file=sys.stderr)
+    md, js = write_outputs(args.out, "benchmark", report, data)
+    print(f"benchmark: wrote {md} and {js}", file=sys.stderr)
   return 0
 
 

@@ -162,12 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   print(report, end="")
   if args.out:
-    from glad_jax.report import write_json, write_text
-
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "study_local_radius.md", report)
-    write_json(out / "study_local_radius.json", data)
+    benchmark.write_outputs(args.out, "study_local_radius", report, data)
   return 0
 
 
