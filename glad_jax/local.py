@@ -36,8 +36,10 @@ from jax.sharding import Mesh, PartitionSpec
 from glad_jax import sharding
 
 from glad_jax.mixture.gaussian import (
+    PACKED_MAX_DIM,
     GaussianMixture,
     log_joint_params,
+    packed_features,
     quadratic_blocks,
     split_rows,
 )
@@ -229,8 +231,11 @@ def log_density_params(mixture: GaussianMixture
 
   Returns:
     centre: array of shape (d,), c = sum_k pi_k mu_k.
-    w_pieces: `gaussian.split_rows` pieces of the (F + d + 1, K) weights of
-      `gaussian.log_joint_params` for the centred means.
+    w_pieces: the weights of `gaussian.log_joint_params` for the centred means: for
+      d <= `gaussian.PACKED_MAX_DIM` one piece, the (`packed_size(d)`, K) weights of
+      `gaussian.packed_features` (one matmul, each pair once: the bands repeat 16-26 % of the
+      products at d = 40-24), above it the `gaussian.split_rows` pieces of the banded
+      (F + d + 1, K) weights.
     bias: array of shape (K,), -(d log 2 pi + log|Sigma_k| + (mu_k - c)^T Sigma_k^{-1}
       (mu_k - c)) / 2, finite also for masked components (the caller applies the weights).
   """
@@ -238,6 +243,9 @@ def log_density_params(mixture: GaussianMixture
   centre = jnp.einsum("k,kd->d", weights / jnp.sum(weights), mixture.means, precision=_HIGHEST)
   # Unit weights: log_joint_params adds log pi_k = 0, leaving log N alone.
   unit = mixture.replace(weights=jnp.ones_like(weights), means=mixture.means - centre)
+  if mixture.dim <= PACKED_MAX_DIM:
+    w, bias = log_joint_params(unit, packed=True)
+    return centre, [w], bias
   w, bias = log_joint_params(unit)
   return centre, split_rows(w, mixture.dim), bias
 
@@ -252,13 +260,17 @@ def log_densities(x: jax.Array, params: tuple[jax.Array, list[jax.Array], jax.Ar
 
   Args:
     x: array of shape (N, d).
-    params: `log_density_params` (K may be padded with zero columns and bias entries).
+    params: `log_density_params` (K may be padded with zero columns and bias entries); one
+      weight piece is the packed layout, several the banded one.
 
   Returns:
     array of shape (K, N). Memory (N, F) with F ~ d (d + 1) / 2: callers chunk N.
   """
   centre, w_pieces, bias = params
   xc = x - centre
+  if len(w_pieces) == 1:          # packed (`log_density_params`)
+    return (jnp.einsum("nf,fk->kn", packed_features(xc), w_pieces[0], precision=_HIGHEST)
+            + bias[:, None])
   out = jnp.einsum("nd,dk->kn", xc, w_pieces[-2], precision=_HIGHEST) + bias[:, None]
   for block, wb in zip(quadratic_blocks(xc), w_pieces[:-2]):
     out = out + jnp.einsum("nf,fk->kn", block, wb, precision=_HIGHEST)
@@ -576,6 +588,22 @@ def _place_images(features, image_mask, mesh: Mesh) -> tuple[jax.Array, jax.Arra
   return feats, jax.device_put(jnp.logical_and(mask, pad_mask), pad_mask.sharding)
 
 
+@functools.partial(jax.jit, static_argnames=("dtype", "k_pad"))
+def _padded_density_params(mixture: GaussianMixture, dtype, k_pad: int):
+  """`log_density_params` and the log global weights, K padded to `k_pad` with components
+  that have zero products and log-weight -inf (never assigned, never candidates).
+
+  One jitted function rather than a dozen eager operations: each of those compiles on first
+  use, which cost ~2 s per layer on a 2-core CPU."""
+  k = mixture.n_components
+  mixture = jax.tree_util.tree_map(lambda a: a.astype(dtype), mixture)
+  centre, w_pieces, bias = log_density_params(mixture)
+  w_pieces = [jnp.pad(piece, ((0, 0), (0, k_pad - k))) for piece in w_pieces]
+  bias = jnp.pad(bias, (0, k_pad - k))
+  init = jnp.pad(jnp.log(mixture.weights), (0, k_pad - k), constant_values=-jnp.inf)
+  return centre, w_pieces, bias, init
+
+
 def fit_local_log_weights(features: jax.Array, mixture: GaussianMixture, radius: float = 1.0,
                           max_iter: int = 100, tol: float = 1e-6,
                           callback: Callable[[LocalFitProgress], None] | None = None,
@@ -632,15 +660,10 @@ def fit_local_log_weights(features: jax.Array, mixture: GaussianMixture, radius:
   tile = int(max(1, min(_TILE_POSITIONS, rows * w,
                         max_chunk_elements // (4 * k_pad * m * len(offsets)))))
 
-  dtype = features.dtype
   if mesh is not None:
     mixture = sharding.to_local(mixture, mesh)
-  mixture = jax.tree_util.tree_map(lambda a: a.astype(dtype), mixture)
-  centre, w_pieces, bias = log_density_params(mixture)
-  # Padding components: zero products, log-weight -inf (never assigned, never candidates).
-  w_pieces = [jnp.pad(piece, ((0, 0), (0, k_pad - k))) for piece in w_pieces]
-  bias = jnp.pad(bias, (0, k_pad - k))
-  init = jnp.pad(jnp.log(mixture.weights), (0, k_pad - k), constant_values=-jnp.inf)
+  dtype = features.dtype
+  centre, w_pieces, bias, init = _padded_density_params(mixture, dtype, k_pad)
   statics = dict(offsets=offsets, rows=rows, window=window, per_batch=per_batch, tile=tile,
                  max_iter=max_iter)
   if mesh is None:
@@ -779,7 +802,8 @@ def fit_local_weights(features: jax.Array | np.ndarray, mixture: GaussianMixture
                      f"{tuple(feats.shape)}) but the mixture has dimension {mixture.dim}")
   if min(feats.shape) == 0:
     raise ValueError(f"features are empty: shape {tuple(feats.shape)}")
-  if not bool(jnp.all(jnp.isfinite(feats if isinstance(feats, jax.Array) else jnp.asarray(feats)))):
+  if not (bool(jnp.all(jnp.isfinite(feats))) if isinstance(feats, jax.Array)
+          else bool(np.all(np.isfinite(feats)))):
     raise ValueError("features contain NaN or infinite values")
   if not (radius >= 0 and math.isfinite(radius)):
     raise ValueError(f"radius should be a finite number >= 0, got {radius}")

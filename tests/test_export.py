@@ -24,6 +24,10 @@ LOADER = ROOT / "scripts" / "run_exported.py"
 TINY = dict(backbone="resnet_tiny", image_size=64, n_components=3, max_iter=5, local_max_iter=5)
 # float32 round-off: the exported module runs the same XLA ops, in chunks of a different batch size.
 TOL = dict(rtol=1e-5, atol=1e-4)
+# With alignment the maps come out of an iterative solve (inverse compositional Gauss-Newton) whose warp
+# takes the round-off of the different chunking into the resampled image: on some CPUs (seen on an AMD
+# EPYC host, the landed code included) maps and image scores then differ by up to 1.5e-4 relative.
+ALIGNED_TOL = dict(rtol=1e-3, atol=1e-3)
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +62,9 @@ def test_exported_scores_equal_in_process(which, request, images, tmp_path):
   ref = model.score(test)
   for n in (1, 5):  # the symbolic batch: one file, two batch sizes
     got = scorer(test[:n])
-    np.testing.assert_allclose(got.image_scores, ref.image_scores[:n], **TOL)
-    np.testing.assert_allclose(got.anomaly_maps, ref.anomaly_maps[:n], **TOL)
+    tol = ALIGNED_TOL if which == "aligned" else TOL
+    np.testing.assert_allclose(got.image_scores, ref.image_scores[:n], **tol)
+    np.testing.assert_allclose(got.anomaly_maps, ref.anomaly_maps[:n], **tol)
     np.testing.assert_array_equal(got.image_labels, ref.image_labels[:n])
     agree = got.pixel_masks == ref.pixel_masks[:n]
     assert agree.mean() > 0.999  # only pixels within round-off of the threshold may flip

@@ -260,7 +260,20 @@ def test_without_oas_classification_loglik_never_decreases_and_callback_sees_it(
   assert info.objective == "classification" and info.converged
   ll = np.asarray(info.loglik)
   assert info.n_iter >= 3 and np.all(np.diff(ll) >= -1e-6 * np.abs(ll[1:]))
-  assert all(m >= c - 1e-6 for m, c in zip(info.mixture_loglik, info.class_loglik))
+  assert np.all(np.isnan(info.mixture_loglik))   # K-MLE's fit skips the logsumexp over K
+
+
+def test_assignment_pass_without_mixture_loglik_keeps_labels_and_class_loglik():
+  from glad_jax.mixture.stats import assignment_pass
+
+  x, params = _step_problem()
+  mix = _mixture(*params)
+  xj, mask = _with_junk_rows(x)
+  xj, mask = xj[:128], mask[:128]
+  z, ll, cl = assignment_pass(mix, xj, mask, chunk_size=64)
+  z2, ll2, cl2 = assignment_pass(mix, xj, mask, chunk_size=64, mixture_loglik=False)
+  np.testing.assert_array_equal(np.asarray(z), np.asarray(z2))
+  assert float(cl) == float(cl2) and np.isnan(float(ll2)) and float(ll) >= float(cl)
 
 
 def test_init_is_seeded_kmeanspp_with_global_covariance():

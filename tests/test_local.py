@@ -250,10 +250,13 @@ def test_fit_matches_numpy_kmle_with_candidate_compaction(radius, budget_rows):
                                               (p.rows for p in progress)]
 
 
-def test_centred_log_densities_match_scipy_far_from_origin():
+@pytest.mark.parametrize("d", [5, 56])     # the packed layout (d <= 48) and the banded one
+def test_centred_log_densities_match_scipy_far_from_origin(d):
   """The fit's expanded-form log-densities, centred on the mixture mean, at an offset of ~100."""
+  from glad_jax.mixture.gaussian import PACKED_MAX_DIM
+
   rng = np.random.default_rng(5)
-  k, d = 7, 5
+  k = 7
   _, means, covs, weights = _mixture(rng, k, d, spread=1.0, scale=0.3)
   means = means + 100.0
   mix = GaussianMixture(weights=jnp.asarray(weights, jnp.float32),
@@ -262,6 +265,7 @@ def test_centred_log_densities_match_scipy_far_from_origin():
   x = (100.0 + rng.standard_normal((64, d))).astype(np.float32)
   ref = _scipy_log_dens(x.astype(np.float64), means.astype(np.float32).astype(np.float64), covs)
   params = local.log_density_params(mix)
+  assert (len(params[1]) == 1) == (d <= PACKED_MAX_DIM)
   np.testing.assert_allclose(np.asarray(params[0]), weights @ means, rtol=1e-6)
   got = np.asarray(local.log_densities(jnp.asarray(x), params)).T  # (K, N) -> (N, K)
   np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4)

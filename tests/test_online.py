@@ -184,6 +184,63 @@ def test_fit_statistics_threshold_is_the_quantile_of_training_log_likelihoods():
   assert float(st.reg_covar) == pytest.approx(REG)
 
 
+def test_kmle_final_stats_are_the_last_assignment_and_give_the_mixture_back():
+  """FitInfo.final_stats: the NumPy statistics of the labels that the last iteration's input
+  mixture gives (Eq. 1), whose M-step (Eq. 2-3, 9) is the returned mixture."""
+  from glad_jax.mixture import KMLEConfig, fit_kmle
+
+  rng = np.random.default_rng(7)
+  x, _ = clusters(rng, CENTRES + [[6, 6, 0], [3, 3, 3]], (80, 70, 60, 50, 40), scale=0.5)
+  x = x + 50.0                                    # far from the origin: the fit centres
+  cfg = KMLEConfig(n_components=12, max_iter=4, tol=0.0)
+  mix, info = fit_kmle(x, cfg, jax.random.key(3))
+  before, _ = fit_kmle(x, cfg.replace(max_iter=3), jax.random.key(3))   # the 4th's input
+  w, mu, cov = as_np(before)
+  z = np.argmax(np_log_joint(x, w, mu, cov), axis=1)
+  c, m, sc = np_stats(x, z, before.n_components)
+  kept = c >= cfg.min_cluster_size                # the 4th update drops the smaller clusters
+  assert mix.n_components == kept.sum() < before.n_components   # (here: one of them)
+  st = info.final_stats
+  np.testing.assert_array_equal(np.asarray(st.counts), c[kept])
+  np.testing.assert_allclose(np.asarray(st.means), m[kept], rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(st.scatter), sc[kept], rtol=1e-3, atol=1e-2)
+  assert np.isnan(float(st.loglik_threshold))
+  assert float(st.reg_covar) == pytest.approx(1e-6 * np.mean(np.var(x, axis=0)), rel=1e-3)
+  back, live = mo.mixture_from_stats(st)
+  assert bool(np.all(np.asarray(live)))
+  np.testing.assert_allclose(np.asarray(back.weights), np.asarray(mix.weights), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(back.means), np.asarray(mix.means), rtol=1e-6, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(back.cov_chol), np.asarray(mix.cov_chol), atol=1e-5)
+
+
+def test_layer_update_stats_keep_the_fit_statistics_and_take_the_threshold_from_a_subsample():
+  from glad_jax import online
+  from glad_jax.mixture import KMLEConfig, fit_kmle
+
+  rng = np.random.default_rng(8)
+  x, _ = clusters(rng, CENTRES, (300, 250, 200))
+  mix, info = fit_kmle(x, KMLEConfig(n_components=6), jax.random.key(0))
+  stats = online.layer_update_stats(mix, x, n_all=len(x), n_images=3, grid_shape=(5, 5),
+                                    radius=1.0, quantile=0.01, fit_stats=info.final_stats)
+  np.testing.assert_array_equal(np.asarray(stats.mixture.counts),
+                                np.asarray(info.final_stats.counts))
+  w, mu, cov = as_np(mix)
+  lj = np_log_joint(x, w, mu, cov)
+  ll = np.log(np.sum(np.exp(lj), axis=1))            # every row: fewer than THRESHOLD_SAMPLE_ROWS
+  np.testing.assert_allclose(float(stats.mixture.loglik_threshold), np.quantile(ll, 0.01),
+                             rtol=1e-4)
+  # Converged: the statistics equal those of one more assignment under the fitted mixture.
+  again = online.layer_update_stats(mix, x, n_all=len(x), n_images=3, grid_shape=(5, 5),
+                                    radius=1.0, quantile=0.01)
+  np.testing.assert_array_equal(np.asarray(again.mixture.counts), np.asarray(stats.mixture.counts))
+  np.testing.assert_allclose(np.asarray(again.mixture.scatter_triu),
+                             np.asarray(stats.mixture.scatter_triu), rtol=1e-4, atol=1e-3)
+  k = mix.n_components
+  with pytest.raises(ValueError, match=f"fit_stats has {k - 1} components but the mixture has {k}"):
+    online.layer_update_stats(mix, x, n_all=len(x), n_images=3, grid_shape=(5, 5), radius=1.0,
+                              fit_stats=info.final_stats.take(np.arange(k - 1)))
+
+
 # --------------------------------------------------------------------------------------- update
 
 

@@ -177,6 +177,15 @@ def test_auto_rule_prunes_large_high_dimensional_fits_only():
   assert fit.use_pruning(cfg.replace(assignment="pruned"), **{**big, "d": 8, "iteration": 1})
 
 
+def test_bound_ranks_double_while_the_bounds_stay_cheap():
+  cfg = KMLEConfig(bound_rank=32)
+  assert fit.bound_ranks(cfg, 112) == (32, 64)       # expanded_size 2369 / 6833 = 0.35
+  assert fit.bound_ranks(cfg, 256) == (32, 64, 128)  # 8833 / 35073 = 0.25; 256 >= d
+  assert fit.bound_ranks(cfg, 40) == (32,)           # 64 >= d
+  assert fit.bound_ranks(cfg.replace(assignment="pruned"), 112) == (32,)   # 'pruned': as given
+  assert fit.bound_ranks(cfg.replace(bound_rank=200), 112) == (112,)
+
+
 def test_auto_fit_switches_to_pruning_and_kmle_step_accepts_a_basis(monkeypatch):
   monkeypatch.setattr(fit, "PRUNE_MIN_DIM", 16)      # the rule, at test-sized fits
   monkeypatch.setattr(fit, "PRUNE_MIN_WORK", 0)
@@ -208,8 +217,9 @@ def test_bad_pruning_settings_are_named(changes, message):
 
 
 def test_auto_fit_backs_off_to_dense_and_retries_pruning(monkeypatch):
-  """An iteration that leaves more than PRUNE_MAX_FALLBACK uncertified runs the next PRUNE_BACKOFF
-  iterations dense, then tries pruning again, waiting twice as long after each failure; the labels
+  """An iteration that leaves more than PRUNE_MAX_FALLBACK uncertified first doubles the bound's
+  rank (while the bounds stay cheap: r = 6 -> 12 at d = 24), then runs the next PRUNE_BACKOFF
+  iterations dense and tries pruning again, waiting twice as long after each failure; the labels
   (hence the fit) are those of the dense fit."""
   monkeypatch.setattr(fit, "PRUNE_MIN_DIM", 16)
   monkeypatch.setattr(fit, "PRUNE_MIN_WORK", 0)
@@ -221,6 +231,9 @@ def test_auto_fit_backs_off_to_dense_and_retries_pruning(monkeypatch):
   cfg = KMLEConfig(n_components=k, max_iter=12, tol=0.0, bound_rank=6)
   _, info = fit_kmle(x, cfg, jax.random.key(0))
   pruned_at = [i + 1 for i, mode in enumerate(info.assignment) if mode == "pruned"]
-  assert pruned_at == [2, 5, 10]                   # then 2, 4 and 8 dense iterations
+  assert fit.bound_ranks(cfg, d) == (6, 12)
+  assert pruned_at == [2, 3, 6, 11]                # r = 12 from 3 on, then 2, 4 and 8 dense
+  assert [info.bound_rank[i - 1] for i in pruned_at] == [6, 12, 12, 12]
+  assert all(info.bound_rank[i] == 0 for i in range(cfg.max_iter) if i + 1 not in pruned_at)
   _, dense = fit_kmle(x, cfg.replace(assignment="dense"), jax.random.key(0))
   np.testing.assert_allclose(info.class_loglik, dense.class_loglik, rtol=1e-5)

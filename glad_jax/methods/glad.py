@@ -305,8 +305,8 @@ def _fit_layer(feats: Any, c: GLADConfig, key: jax.Array, name: str, mesh, progr
       n_components=int(mixture.n_components), n_iter=int(info.n_iter), converged=bool(info.converged),
       log_likelihood=[float(v) for v in info.loglik], seconds_global=t1 - t0, seconds_local=t2 - t1,
       mean_nnz=mean_nnz, global_reason=reason)
-  # What an online update needs (glad_jax.online): the final hard assignment's statistics of the
-  # vectors the global fit used, one more assignment pass.
+  # What an online update needs (glad_jax.online): K-MLE's own statistics of its last assignment
+  # (EM: one more hard assignment pass over the vectors the global fit used).
   if image_mask is not None:
     # The statistics are host arithmetic over all the fit's vectors (as in a one-process fit,
     # which holds them on its one host too): every process gets the whole set.
@@ -315,7 +315,7 @@ def _fit_layer(feats: Any, c: GLADConfig, key: jax.Array, name: str, mesh, progr
     x = distributed.host_array(x)
   update_stats = online_lib.layer_update_stats(mixture, x, n_all=int(n_all), n_images=int(n_images),
                                                grid_shape=(int(h), int(w)), radius=c.radius,
-                                               local=c.local)
+                                               local=c.local, fit_stats=info.final_stats)
   return scoring.make_layer_model(mixture, (h, w), local), fit_info, update_stats
 
 

@@ -30,7 +30,9 @@ from glad_jax import sharding
 from glad_jax.mixture.gaussian import GaussianMixture, expanded_size
 from glad_jax.mixture.initialization import (kmle_init, validate_config, validate_init,
                                              validate_samples)
+from glad_jax.mixture.online import ComponentStats, pack_scatter
 from glad_jax.mixture.pruned import projection_basis
+from glad_jax.mixture.stats import SufficientStats
 from glad_jax.mixture.steps import mixture_step
 
 # 'auto' assignment: prune from this dimension on. Measured on tire (EfficientNet-Lite0, K ~ 1000,
@@ -43,6 +45,13 @@ PRUNE_MIN_DIM = 64
 # iteration 2 and a permanent switch ran its remaining 38 iterations dense, 8.5 s each).
 PRUNE_MAX_FALLBACK = 0.25
 PRUNE_BACKOFF = 2
+# 'auto' assignment: before backing off, a failed pruned iteration doubles the bound's rank r
+# (`KMLEConfig.bound_rank`), as long as the bounds then cost at most this share of the dense
+# pass's multiply-adds (expanded_size(r) / expanded_size(d)): r = 32 -> 64 at d = 112 (0.35).
+# Measured on magnetic_tile's layer 3 (43,904 vectors, K ~ 960): r = 32 leaves 56-79 % of the
+# vectors uncertified at iterations 2-8, r = 64 leaves 36 % at iteration 2 and 6 % by iteration
+# 8 (a pass of 2.4 s against the dense 3.3 s), r = 96 certifies all but costs as much as dense.
+PRUNE_MAX_BOUND_SHARE = 0.36
 # 'auto' assignment: prune only when a dense pass costs at least this many multiply-adds
 # (N K (d (d + 1) / 2 + d + 1); ~0.2 s on a 2-core CPU): the pruned step takes seconds more to
 # compile, which small fits would not win back.
@@ -77,10 +86,12 @@ class KMLEConfig:
       cheap upper bounds of all K, then the best `n_candidates` exactly, and certifies the
       argmax (`glad_jax.mixture.pruned`; uncertified samples are scored densely); 'auto' prunes
       when d >= `PRUNE_MIN_DIM`, the bound's rank is below d and a dense pass would cost at
-      least `PRUNE_MIN_WORK` multiply-adds, and goes back to dense for `PRUNE_BACKOFF`
-      iterations (twice as many after each further failure) when an iteration leaves more than
-      `PRUNE_MAX_FALLBACK` of the samples uncertified.
-    bound_rank: r, the dimension of the projection behind the bounds (pruned only).
+      least `PRUNE_MIN_WORK` multiply-adds; when an iteration leaves more than
+      `PRUNE_MAX_FALLBACK` of the samples uncertified, it doubles the bound's rank while that
+      stays cheap (`bound_ranks`), and past the largest rank goes back to dense for
+      `PRUNE_BACKOFF` iterations (twice as many after each further failure).
+    bound_rank: r, the dimension of the projection behind the bounds (pruned only; 'auto'
+      starts there).
     n_candidates: C, components scored exactly per sample (pruned only).
     label_tol: K-MLE only, an extra stopping rule (not the paper's): also stop when at most this
       fraction of the samples changed component in an iteration. None (default): the paper's
@@ -117,7 +128,8 @@ class FitInfo:
     converged: True when the stopping rule held before ``max_iter``.
     loglik: per iteration, the monitored mean log-likelihood (`objective`) of the mixture that
       entered the iteration.
-    mixture_loglik: per iteration, mean log sum_k pi_k N(u; k).
+    mixture_loglik: EM, per iteration, mean log sum_k pi_k N(u; k); K-MLE: NaN (not its
+      objective, and its logsumexp over K cost ~10 % of a dense pass at d = 40).
     class_loglik: per iteration, mean max_k log pi_k N(u; k).
     n_live: per iteration, the number of components alive after its update.
     objective: 'classification' (K-MLE) or 'mixture' (EM): which curve `loglik` is.
@@ -126,6 +138,14 @@ class FitInfo:
     n_fallback: per iteration, samples a pruned pass scored densely (0 when dense).
     label_change: K-MLE, per iteration, the fraction of the samples whose component differs
       from the previous iteration's (1.0 at the first iteration); empty for EM.
+    bound_rank: per iteration, the rank r of a pruned pass's bounds (0 when dense or soft).
+    final_stats: K-MLE, the per-component statistics (counts, means, scatter about the mean)
+      of the last assignment, one row per returned component: the returned mixture is their
+      M-step (`glad_jax.mixture.online.mixture_from_stats` gives it back) and what an online
+      update continues from. Samples of the clusters the last update dropped are not in them.
+      ``reg_covar`` is the fit's absolute covariance floor; ``loglik_threshold`` is NaN (the
+      fit does not compute per-sample likelihoods, see `glad_jax.online.layer_update_stats`).
+      None for EM.
   """
 
   n_iter: int
@@ -138,6 +158,8 @@ class FitInfo:
   assignment: tuple[str, ...] = ()
   n_fallback: tuple[int, ...] = ()
   label_change: tuple[float, ...] = ()
+  bound_rank: tuple[int, ...] = ()
+  final_stats: ComponentStats | None = None
 
 
 def default_chunk_size(dim: int, platform: str | None = None) -> int:
@@ -220,14 +242,41 @@ def count_changed(previous: jax.Array, labels: jax.Array, rows: jax.Array,
   return jnp.sum(mask & (rows[previous] != labels)).astype(jnp.int32)
 
 
+@functools.partial(jax.jit, static_argnames=("size",))
+def final_statistics(stats: SufficientStats, shift: jax.Array, weights: jax.Array,
+                     centre: jax.Array, reg_covar: jax.Array, size: int) -> ComponentStats:
+  """The `ComponentStats` of the components live in `weights`, in `resize_mixture`'s order.
+
+  Args:
+    stats: the last step's `SufficientStats` (K rows), taken about `shift` (K, d), in the fit's
+      centred coordinates.
+    weights: array of shape (K,), the weights of the mixture that step returned.
+    centre: array of shape (d,), added back to the means.
+    reg_covar: the fit's absolute covariance floor.
+    size: the number of live components.
+  """
+  order = jnp.argsort(~(weights > 0), stable=True)[:size]
+  counts = stats.counts[order]
+  safe = jnp.where(counts > 0, counts, 1.0)
+  delta = stats.sums[order] / safe[:, None]                  # mean - shift
+  # Scatter about the mean, M_k = S_k - n_k delta delta^T (as the M-step's Eq. 3).
+  scatter = stats.scatter[order] - counts[:, None, None] * delta[:, :, None] * delta[:, None, :]
+  scatter = 0.5 * (scatter + jnp.swapaxes(scatter, 1, 2))
+  return ComponentStats(counts=counts, means=shift[order] + delta + centre,
+                        scatter_triu=pack_scatter(scatter), reg_covar=reg_covar,
+                        loglik_threshold=jnp.full((), jnp.nan, counts.dtype))
+
+
 @functools.lru_cache(maxsize=32)
 def compiled_step(hard: bool, mesh: Mesh | None, use_oas: bool, chunk_size: int,
                   n_candidates: int = 16):
   """``step(mixture, x, mask, reg_covar, min_cluster_size, basis) -> (mixture, MixtureStats,
-  labels)`` (`steps.mixture_step`), jitted once per configuration (and by jit per shape and per
-  None-ness of basis)."""
+  labels, SufficientStats)`` (`steps.mixture_step`), jitted once per configuration (and by jit
+  per shape and per None-ness of basis)."""
+  # K-MLE monitors the classification log-likelihood only: no logsumexp over K in its pass.
   return jax.jit(functools.partial(mixture_step, hard=hard, use_oas=use_oas,
-                                   chunk_size=chunk_size, n_candidates=n_candidates, mesh=mesh))
+                                   chunk_size=chunk_size, n_candidates=n_candidates, mesh=mesh,
+                                   mixture_loglik=not hard))
 
 
 def use_pruning(config: KMLEConfig, hard: bool, d: int, k: int, iteration: int,
@@ -245,6 +294,18 @@ def use_pruning(config: KMLEConfig, hard: bool, d: int, k: int, iteration: int,
     return True
   return (d >= PRUNE_MIN_DIM and config.bound_rank < d and iteration > 1
           and n * k * expanded_size(d) >= PRUNE_MIN_WORK)
+
+
+def bound_ranks(config: KMLEConfig, d: int) -> tuple[int, ...]:
+  """The bound ranks a fit may use, in order: ``bound_rank`` ('pruned'), then for 'auto' its
+  doublings below d whose bounds cost at most `PRUNE_MAX_BOUND_SHARE` of the dense pass."""
+  ranks = [min(int(config.bound_rank), d)]
+  while config.assignment == "auto":
+    r = 2 * ranks[-1]
+    if r >= d or expanded_size(r) > PRUNE_MAX_BOUND_SHARE * expanded_size(d):
+      break
+    ranks.append(r)
+  return tuple(ranks)
 
 
 def fit_mixture(x: Any, config: KMLEConfig, key: jax.Array, *, hard: bool,
@@ -297,24 +358,29 @@ def fit_mixture(x: Any, config: KMLEConfig, key: jax.Array, *, hard: bool,
   mixture = sharding.replicate(resize_mixture(mixture, bucket_size(k0, config.bucket)), mesh)
   step = compiled_step(hard, mesh, bool(config.use_oas), cs, int(config.n_candidates))
   min_size = jnp.float32(config.min_cluster_size)
-  # The bounds' projection: the data's leading principal axes, fixed for the whole fit.
-  basis = None
+  # The bounds' projections: the data's leading principal axes, fixed for the whole fit (the
+  # rank-r basis is the first r columns of the largest one).
+  bases, ranks, rank_index = None, bound_ranks(config, d), 0
   if use_pruning(config, hard, d, mixture.n_components, 2, n):
-    basis = sharding.replicate(
-        jax.jit(projection_basis, static_argnums=2)(xc, mask, min(int(config.bound_rank), d)),
-        mesh)
+    axes = jax.jit(projection_basis, static_argnums=2)(xc, mask, ranks[-1])
+    bases = [sharding.replicate(axes[:, :r], mesh) for r in ranks]
 
   logliks, mix_ll, class_ll, lives, modes, fallbacks, changes = [], [], [], [], [], [], []
+  ranks_used = []
   converged = False
   prev = None
   previous_labels, rows = None, None
   n_live = k0
   dense_until, backoff = 0, PRUNE_BACKOFF   # 'auto': iterations up to dense_until run dense
   for it in range(1, config.max_iter + 1):
-    prune = (basis is not None and it > dense_until
+    prune = (bases is not None and it > dense_until
              and use_pruning(config, hard, d, mixture.n_components, it, n))
     mode = "pruned" if prune else "dense" if hard else "soft"
-    mixture, stats, labels = step(mixture, xc, mask, reg, min_size, basis if prune else None)
+    shift = mixture.means                  # K-MLE's statistics are taken about these
+    rank = ranks[rank_index] if prune else 0
+    mixture, stats, labels, sums = step(mixture, xc, mask, reg, min_size,
+                                        bases[rank_index] if prune else None)
+    step_weights = mixture.weights         # the rows of `sums` (before any resize below)
     if hard:
       if previous_labels is None:
         changes.append(1.0)
@@ -324,16 +390,20 @@ def fit_mixture(x: Any, config: KMLEConfig, key: jax.Array, *, hard: bool,
       rows = jnp.arange(mixture.n_components + 1, dtype=jnp.int32)
     s = jax.device_get(stats)
     n_live = int(s.n_live)
-    mix_ll.append(float(s.loglik))
+    mix_ll.append(math.nan if hard else float(s.loglik))
     class_ll.append(float(s.class_loglik))
     cur = class_ll[-1] if hard else mix_ll[-1]
     logliks.append(cur)
     lives.append(n_live)
     modes.append(mode)
     fallbacks.append(int(s.n_fallback))
+    ranks_used.append(rank)
     if prune and config.assignment == "auto" and fallbacks[-1] > PRUNE_MAX_FALLBACK * n:
-      # The bounds are too loose for now: dense is cheaper for the next `backoff` iterations.
-      dense_until, backoff = it + backoff, 2 * backoff
+      if rank_index + 1 < len(ranks):
+        rank_index += 1           # a tighter bound at the next iteration
+      else:
+        # The bounds are too loose for now: dense is cheaper for the next `backoff` iterations.
+        dense_until, backoff = it + backoff, 2 * backoff
     if callback is not None:
       callback(it, cur, n_live)
     if n_live == 0:
@@ -359,11 +429,15 @@ def fit_mixture(x: Any, config: KMLEConfig, key: jax.Array, *, hard: bool,
 
   final = resize_mixture(mixture, n_live)
   final = final.replace(means=final.means + centre)
+  final_stats = (final_statistics(sums, shift, step_weights, centre, reg, n_live) if hard
+                 else None)
   if mesh is not None:
     final = sharding.to_local(final, mesh)  # this process's copy (multi-process safe)
+    final_stats = None if final_stats is None else sharding.to_local(final_stats, mesh)
   info = FitInfo(n_iter=len(logliks), converged=converged, loglik=tuple(logliks),
                  mixture_loglik=tuple(mix_ll), class_loglik=tuple(class_ll),
                  n_live=tuple(lives), objective="classification" if hard else "mixture",
                  assignment=tuple(modes), n_fallback=tuple(fallbacks),
-                 label_change=tuple(changes))
+                 label_change=tuple(changes), bound_rank=tuple(ranks_used),
+                 final_stats=final_stats)
   return final, info

@@ -7,8 +7,10 @@ assigned to its most likely component (Eq. 1) and that component's expectation p
 become the count-weighted average of the old and the new samples. This module does the same in
 batches, from per-component sufficient statistics kept with the fitted model.
 
-Statistics (`ComponentStats`), computed once at fit time from the *final hard assignment* of the
-fit's samples under the fitted mixture (`fit_statistics`):
+Statistics (`ComponentStats`), computed once at fit time from the last hard assignment of the
+fit's samples: K-MLE's own (`glad_jax.mixture.fit.FitInfo.final_stats`, the statistics of which
+the fitted mixture is the M-step), or one more assignment under the fitted mixture
+(`fit_statistics`; the two agree once no label changes):
 
 * counts n_k, means m_k and the scatter about the mean M_k = sum_i (u_i - m_k)(u_i - m_k)^T
   (stored as its packed upper triangle: d (d + 1) / 2 numbers per component);

@@ -17,7 +17,7 @@ from jax.sharding import Mesh, PartitionSpec
 from glad_jax import sharding
 from glad_jax.mixture.gaussian import GaussianMixture
 from glad_jax.mixture.mstep import m_step
-from glad_jax.mixture.stats import statistics_and_labels
+from glad_jax.mixture.stats import SufficientStats, statistics_and_labels
 
 
 @struct.dataclass
@@ -46,8 +46,9 @@ class MixtureStats:
 
 def mixture_step(mixture: GaussianMixture, x: jax.Array, mask: jax.Array, reg_covar,
                  min_cluster_size, basis: jax.Array | None = None, *, hard: bool, use_oas: bool,
-                 chunk_size: int, n_candidates: int = 16, mesh: Mesh | None = None
-                 ) -> tuple[GaussianMixture, MixtureStats, jax.Array | None]:
+                 chunk_size: int, n_candidates: int = 16, mesh: Mesh | None = None,
+                 mixture_loglik: bool = True
+                 ) -> tuple[GaussianMixture, MixtureStats, jax.Array | None, SufficientStats]:
   """One iteration of K-MLE (hard) or EM on samples already padded to whole chunks (per device).
 
   Args:
@@ -58,15 +59,20 @@ def mixture_step(mixture: GaussianMixture, x: jax.Array, mask: jax.Array, reg_co
     min_cluster_size: clusters with a smaller (soft) count are masked out.
     basis: hard only: (d, r) projection for the pruned assignment, or None (dense).
     hard, use_oas, chunk_size, n_candidates, mesh: static; see `kmle_step`.
+    mixture_loglik: static; False (K-MLE's fit) skips the dense pass's logsumexp over K, and
+      `MixtureStats.loglik` may then be NaN (`stats.assignment_pass`).
 
   Returns:
     (new mixture with K rows, `MixtureStats` (likelihoods of the input mixture), the labels of
-    Eq. 1: int32 (N,), K on padding rows, split like x; None for EM).
+    Eq. 1: int32 (N,), K on padding rows, split like x; None for EM, and the summed
+    `SufficientStats` the new mixture was computed from: about the input means for K-MLE, about
+    0 for EM; replicated).
   """
   def local_stats(params, x, mask, _):
     mixture, basis = params
     return statistics_and_labels(mixture, x, mask, hard=hard, chunk_size=chunk_size,
-                                 basis=basis, n_candidates=n_candidates)
+                                 basis=basis, n_candidates=n_candidates,
+                                 mixture_loglik=mixture_loglik)
 
   rows = None if mesh is None or not hard else PartitionSpec(mesh.axis_names[0])
   stats, labels = sharding.data_parallel(local_stats, mesh, state_out=rows)(
@@ -77,7 +83,7 @@ def mixture_step(mixture: GaussianMixture, x: jax.Array, mask: jax.Array, reg_co
   return new, MixtureStats(counts=stats.counts, loglik=stats.loglik / n,
                            class_loglik=stats.class_loglik / n,
                            n_live=jnp.sum(new.weights > 0).astype(jnp.int32), n_failed=n_failed,
-                           n_fallback=stats.n_fallback), labels
+                           n_fallback=stats.n_fallback), labels, stats
 
 
 def pad_for_chunks(x: jax.Array, mask: jax.Array | None, chunk_size: int
@@ -125,7 +131,7 @@ def kmle_step(mixture: GaussianMixture, x: jax.Array, mask: jax.Array | None = N
     Artola et al., GLAD (WACV 2023), Eq. 1-3 and 9; Nielsen, k-MLE (ICASSP 2012).
   """
   x, mask, cs = pad_for_chunks(x, mask, chunk_size)
-  new, stats, _ = mixture_step(mixture, x, mask, reg_covar, min_cluster_size, basis, hard=True,
+  new, stats, _, _ = mixture_step(mixture, x, mask, reg_covar, min_cluster_size, basis, hard=True,
                                use_oas=use_oas, chunk_size=cs, n_candidates=n_candidates)
   return new, stats
 
@@ -151,6 +157,6 @@ def em_step(mixture: GaussianMixture, x: jax.Array, mask: jax.Array | None = Non
     (new mixture with K rows, `MixtureStats` whose likelihoods are the input mixture's).
   """
   x, mask, cs = pad_for_chunks(x, mask, chunk_size)
-  new, stats, _ = mixture_step(mixture, x, mask, reg_covar, min_cluster_size, hard=False,
+  new, stats, _, _ = mixture_step(mixture, x, mask, reg_covar, min_cluster_size, hard=False,
                                use_oas=use_oas, chunk_size=cs)
   return new, stats
