@@ -132,7 +132,7 @@ def kmle_step(mixture: GaussianMixture, x: jax.Array, mask: jax.Array | None = N
   """
   x, mask, cs = pad_for_chunks(x, mask, chunk_size)
   new, stats, _, _ = mixture_step(mixture, x, mask, reg_covar, min_cluster_size, basis, hard=True,
-                               use_oas=use_oas, chunk_size=cs, n_candidates=n_candidates)
+                                  use_oas=use_oas, chunk_size=cs, n_candidates=n_candidates)
   return new, stats
 
 
@@ -158,5 +158,5 @@ def em_step(mixture: GaussianMixture, x: jax.Array, mask: jax.Array | None = Non
   """
   x, mask, cs = pad_for_chunks(x, mask, chunk_size)
   new, stats, _, _ = mixture_step(mixture, x, mask, reg_covar, min_cluster_size, hard=False,
-                               use_oas=use_oas, chunk_size=cs)
+                                  use_oas=use_oas, chunk_size=cs)
   return new, stats
