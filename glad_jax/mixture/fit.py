@@ -50,7 +50,7 @@ PRUNE_BACKOFF = 2
 # pass's multiply-adds (expanded_size(r) / expanded_size(d)): r = 32 -> 64 at d = 112 (0.35).
 # Measured on magnetic_tile's layer 3 (43,904 vectors, K ~ 960): r = 32 leaves 56-79 % of the
 # vectors uncertified at iterations 2-8, r = 64 leaves 36 % at iteration 2 and 6 % by iteration
-# 8 (a pass of 2.4 s against the dense 3.3 s), r = 96 certifies all but costs as much as dense.
+# 8 (iterations of 2.6 s against 4.0-4.3 s dense), r = 96 certifies all but costs as much as dense.
 PRUNE_MAX_BOUND_SHARE = 0.36
 # 'auto' assignment: prune only when a dense pass costs at least this many multiply-adds
 # (N K (d (d + 1) / 2 + d + 1); ~0.2 s on a 2-core CPU): the pruned step takes seconds more to
