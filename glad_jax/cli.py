@@ -20,7 +20,7 @@ import os
 import sys
 from typing import Sequence
 
-from glad_jax.config import GLADConfig, parse_max_samples
+from glad_jax.config import GLADConfig, parse_max_samples, parse_radius
 
 _EXIT_USER_ERROR = 2
 
@@ -37,6 +37,13 @@ def _optional_float(text: str) -> float | None:
 def _max_samples(text: str):
   try:
     return parse_max_samples(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _radius(text: str):
+  try:
+    return parse_radius(text)
   except ValueError as e:
     raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -64,13 +71,15 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                  help="also stop the global K-MLE fit when at most this fraction of its vectors changed "
                       "component (default %(default)s; 'none': the paper's likelihood rule alone)")
   g.add_argument("--paper", action="store_true",
-                 help="the paper's global fit: every vector, the likelihood stopping rule alone (same as "
-                      "--max-samples all --label-tol none)")
+                 help="the paper's fit: every vector, the likelihood stopping rule alone, r = 1 (same as "
+                      "--max-samples all --label-tol none --radius 1)")
   g.add_argument("--fit-budget", type=float, default=d.fit_budget_s, metavar="SECONDS",
                  help="seconds the global fits of all layers may take with --max-samples auto "
                       "(default %(default)s)")
   g.add_argument("--global-only", action="store_true", help="ablation: global weights pi_k instead of pi_k(x)")
-  g.add_argument("--radius", type=float, default=d.radius, help="disk radius r of the local weights")
+  g.add_argument("--radius", type=_radius, default=d.radius, metavar="R|auto",
+                 help="disk radius r of the local weights, or 'auto': per layer, the one of 1, 2, 3 whose weights "
+                      "score held-out training images best (default %(default)s; the paper: 1)")
   g.add_argument("--quantile", type=float, default=d.quantile, help="q of the image score (default %(default)s)")
   g.add_argument("--align", default=d.align,
                  choices=("none", "translation", "euclidean", "similarity", "affine", "homography"))

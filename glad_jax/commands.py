@@ -133,6 +133,7 @@ def _report_fit(model, config: GLADConfig) -> None:
   """One line per fitted layer (stderr)."""
   for name, info in model.fit_info.items():
     nnz = "" if info.mean_nnz is None else f", {info.mean_nnz:.1f} non-zero weights/position"
+    nnz += "" if info.radius is None else f" at r = {info.radius:g}"
     _say(f"  {name}: d={info.dim}, grid {info.grid_shape[0]}x{info.grid_shape[1]}, K {config.n_components} -> "
          f"{info.n_components} in {info.n_iter} iterations{nnz}; global fit on {info.n_samples_global} of "
          f"{info.n_samples} vectors ({info.global_reason})")
@@ -240,6 +241,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     extra = "" if info is None else (f", global fit on {info.n_samples_global} of {info.n_samples} vectors "
                                      f"({info.global_reason})")
     local = "global only" if layer.local is None else f"{layer.local.n_tiles} local tiles"
+    if layer.local is not None and layer.model.radius is not None:
+      local += f" at r = {layer.model.radius:g}"
+      choice = None if info is None else info.radius_choice
+      if choice and choice.get("held_out_log_likelihood"):
+        local += (" (chosen by held-out log-likelihood " + ", ".join(
+            f"{r:g}: {v:.4f}" for r, v in zip(choice["radii"], choice["held_out_log_likelihood"])) + ")")
     print(f"  {name}: K={layer.model.n_components}, d={layer.model.dim}, {local}{extra}")
   print(f"  thresholds: image {model.image_threshold}, pixel {model.pixel_threshold}")
   print(f"  size: {model.model_size_bytes() / 2**20:.2f} MiB")

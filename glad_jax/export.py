@@ -307,8 +307,8 @@ class ExportedScorer:
     """The GLADConfig the model was fitted with."""
     from glad_jax.config import GLADConfig
 
-    cfg = dict(self.manifest["config"])
-    cfg["layers"] = tuple(cfg["layers"])
+    # JSON holds the config's tuples (layers, radius_candidates) as lists: the frozen config wants tuples.
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in self.manifest["config"].items()}
     return GLADConfig(**cfg)
 
   def __call__(self, images) -> ExportedPrediction:

@@ -18,6 +18,10 @@ position list is cut into tiles of T positions, padded with a dummy position (in
 of log-weight -inf. Scoring then costs one (B * T, d) x (d, d) product per tile, i.e. it
 follows the number of non-zeros, not K * h * w.
 
+`held_out_log_likelihood` scores held-out images under weights fitted at several radii on a few bands of
+grid rows (the log-densities of a band computed once for all of them): what `radius="auto"` chooses by
+(`glad_jax.methods.glad.choose_radius`).
+
 Pure math: no I/O, no prints; progress through an optional callback.
 """
 
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -472,6 +476,86 @@ def _fit_tile(buffer: jax.Array, log_dens: jax.Array, samples: tuple[jax.Array, 
   return buffer, dense, n_iter, done, ll
 
 
+def _window_log_densities(x: jax.Array, centre: jax.Array, w_pieces: list, bias: jax.Array,
+                          init_log_weights: jax.Array, *, per_batch: int):
+  """Log-densities and first assignments (Eq. 10 under the global weights) of a window of samples.
+
+  Args:
+    x: array of shape (M, window, w, d), the features of the window's grid rows.
+    centre, w_pieces, bias, init_log_weights: as in `_fit_chunk_body`.
+    per_batch: window positions per batch of the log-density products.
+
+  Returns:
+    log_dens (n_batches, K', per_batch, M), z0 and best0 (n_batches, per_batch, M): window position s
+    at [s // per_batch, ..., s % per_batch].
+  """
+  m, window, w, d = x.shape
+  k = bias.shape[0]
+  # Samples ordered (window position, image): the M images of a position are contiguous.
+  x = jnp.moveaxis(x, 0, 2).reshape(window * w, m, d)
+  n_batches = -(-(window * w) // per_batch)
+  # Padding positions at the end are computed but never read.
+  x = jnp.pad(x, ((0, n_batches * per_batch - window * w), (0, 0), (0, 0)))
+  x = x.reshape(n_batches, per_batch * m, d)
+
+  def densities(xb):
+    # The log-densities do not depend on the weights: computed once, reused every iteration.
+    ld = log_densities(xb, (centre, w_pieces, bias))  # (K', per_batch * M)
+    # First update (Eq. 10) of every position at once: all positions start from the same
+    # global weights, so a sample's assignment is the same in every disk that holds it.
+    best, z = _running_argmax(
+        lambda i: jax.lax.dynamic_slice_in_dim(ld, i * _ARGMAX_BLOCK, _ARGMAX_BLOCK, axis=0)
+        + jax.lax.dynamic_slice_in_dim(init_log_weights, i * _ARGMAX_BLOCK, _ARGMAX_BLOCK)[:, None],
+        k // _ARGMAX_BLOCK, (per_batch * m,), ld.dtype)
+    return ld.reshape(k, per_batch, m), z.reshape(per_batch, m), best.reshape(per_batch, m)
+
+  return jax.lax.map(densities, x)
+
+
+def _fit_window_rows(log_dens: jax.Array, z0: jax.Array, best0: jax.Array, start: jax.Array,
+                     window_start: jax.Array, tol: jax.Array, image_mask: jax.Array | None, *,
+                     offsets: tuple[tuple[int, int], ...], rows: int, grid: tuple[int, int],
+                     window: int, per_batch: int, tile: int, max_iter: int,
+                     axis_name: str | None = None):
+  """K-MLE of the local weights of grid rows [start, start + rows) from their window's
+  `_window_log_densities` (the window must hold every disk sample of those rows).
+
+  Returns:
+    log_weights (rows * w, K'), n_iter (rows * w,) int32, converged (rows * w,) bool,
+    mean_log_likelihood (rows * w,).
+  """
+  k = log_dens.shape[1]
+  m = log_dens.shape[-1]
+  w = grid[1]
+  index, ok = _sample_positions(start, window_start, rows, grid, window, offsets)
+  samples = (index // per_batch, index % per_batch)
+  log_w1, ll1 = _count_update(z0[samples], best0[samples], ok, k, image_mask, axis_name)
+  p = rows * w
+  if max_iter == 1:
+    return log_w1, jnp.ones((p,), jnp.int32), jnp.zeros((p,), bool), ll1
+
+  # Tiles of positions with similar numbers of candidates (an update costs ~ their max).
+  nnz = jnp.sum(jnp.isfinite(log_w1), axis=-1)
+  order = jnp.argsort(-nnz, stable=True).astype(jnp.int32)
+  n_tiles = -(-p // tile)
+  # Padding entries (inactive, done from the start) repeat position 0.
+  tiles = jnp.pad(order, (0, n_tiles * tile - p)).reshape(n_tiles, tile)
+  active = (jnp.arange(n_tiles * tile) < p).reshape(n_tiles, tile)
+
+  def tile_step(buffer, inputs):
+    pos, act = inputs
+    buffer, lw, n_iter, done, ll = _fit_tile(
+        buffer, log_dens, (samples[0][:, pos], samples[1][:, pos]), ok[:, pos], act,
+        log_w1[pos], ll1[pos], tol, max_iter, image_mask, axis_name)
+    return buffer, (lw, n_iter, done, ll)
+
+  buffer = jnp.zeros((k, len(offsets), tile, m), log_dens.dtype)
+  _, outputs = jax.lax.scan(tile_step, buffer, (tiles, active))
+  # Back to position order (padding entries dropped).
+  return tuple(jnp.zeros((p,) + a.shape[2:], a.dtype).at[order].set(
+      a.reshape((n_tiles * tile,) + a.shape[2:])[:p]) for a in outputs)
+
+
 def _fit_chunk_body(features: jax.Array, start: jax.Array, centre: jax.Array, w_pieces: list,
                     bias: jax.Array, init_log_weights: jax.Array, tol: jax.Array,
                     image_mask: jax.Array | None = None, *,
@@ -503,56 +587,14 @@ def _fit_chunk_body(features: jax.Array, start: jax.Array, centre: jax.Array, w_
     mean_log_likelihood (rows * w,).
   """
   m, h, w, d = features.shape
-  k = bias.shape[0]
   reach = _halo(offsets)
   window_start = jnp.clip(start - reach, 0, h - window)
   x = jax.lax.dynamic_slice(features, (0, window_start, 0, 0), (m, window, w, d))
-  # Samples ordered (window position, image): the M images of a position are contiguous.
-  x = jnp.moveaxis(x, 0, 2).reshape(window * w, m, d)
-  n_batches = -(-(window * w) // per_batch)
-  # Padding positions at the end are computed but never read.
-  x = jnp.pad(x, ((0, n_batches * per_batch - window * w), (0, 0), (0, 0)))
-  x = x.reshape(n_batches, per_batch * m, d)
-
-  def densities(xb):
-    # The log-densities do not depend on the weights: computed once, reused every iteration.
-    ld = log_densities(xb, (centre, w_pieces, bias))  # (K', per_batch * M)
-    # First update (Eq. 10) of every position at once: all positions start from the same
-    # global weights, so a sample's assignment is the same in every disk that holds it.
-    best, z = _running_argmax(
-        lambda i: jax.lax.dynamic_slice_in_dim(ld, i * _ARGMAX_BLOCK, _ARGMAX_BLOCK, axis=0)
-        + jax.lax.dynamic_slice_in_dim(init_log_weights, i * _ARGMAX_BLOCK, _ARGMAX_BLOCK)[:, None],
-        k // _ARGMAX_BLOCK, (per_batch * m,), ld.dtype)
-    return ld.reshape(k, per_batch, m), z.reshape(per_batch, m), best.reshape(per_batch, m)
-
-  log_dens, z0, best0 = jax.lax.map(densities, x)  # (n_batches, K', q, M), (n_batches, q, M) x2
-  index, ok = _sample_positions(start, window_start, rows, (h, w), window, offsets)
-  samples = (index // per_batch, index % per_batch)
-  log_w1, ll1 = _count_update(z0[samples], best0[samples], ok, k, image_mask, axis_name)
-  p = rows * w
-  if max_iter == 1:
-    return log_w1, jnp.ones((p,), jnp.int32), jnp.zeros((p,), bool), ll1
-
-  # Tiles of positions with similar numbers of candidates (an update costs ~ their max).
-  nnz = jnp.sum(jnp.isfinite(log_w1), axis=-1)
-  order = jnp.argsort(-nnz, stable=True).astype(jnp.int32)
-  n_tiles = -(-p // tile)
-  # Padding entries (inactive, done from the start) repeat position 0.
-  tiles = jnp.pad(order, (0, n_tiles * tile - p)).reshape(n_tiles, tile)
-  active = (jnp.arange(n_tiles * tile) < p).reshape(n_tiles, tile)
-
-  def tile_step(buffer, inputs):
-    pos, act = inputs
-    buffer, lw, n_iter, done, ll = _fit_tile(
-        buffer, log_dens, (samples[0][:, pos], samples[1][:, pos]), ok[:, pos], act,
-        log_w1[pos], ll1[pos], tol, max_iter, image_mask, axis_name)
-    return buffer, (lw, n_iter, done, ll)
-
-  buffer = jnp.zeros((k, len(offsets), tile, m), log_dens.dtype)
-  _, outputs = jax.lax.scan(tile_step, buffer, (tiles, active))
-  # Back to position order (padding entries dropped).
-  return tuple(jnp.zeros((p,) + a.shape[2:], a.dtype).at[order].set(
-      a.reshape((n_tiles * tile,) + a.shape[2:])[:p]) for a in outputs)
+  log_dens, z0, best0 = _window_log_densities(x, centre, w_pieces, bias, init_log_weights,
+                                              per_batch=per_batch)
+  return _fit_window_rows(log_dens, z0, best0, start, window_start, tol, image_mask, offsets=offsets,
+                          rows=rows, grid=(h, w), window=window, per_batch=per_batch, tile=tile,
+                          max_iter=max_iter, axis_name=axis_name)
 
 
 _CHUNK_STATICS = ("offsets", "rows", "window", "per_batch", "tile", "max_iter")
@@ -690,6 +732,126 @@ def fit_local_log_weights(features: jax.Array, mixture: GaussianMixture, radius:
           converged_fraction=float(jnp.mean(done[keep])),
           mean_log_likelihood=float(jnp.mean(ll[keep]))))
   return jnp.concatenate(log_w_chunks, axis=0), jnp.concatenate(n_iter_chunks, axis=0)
+
+
+class RadiusBand(NamedTuple):
+  """Grid rows [start, start + rows) on which candidate radii are compared, and the window of rows
+  [window_start, window_start + window) that holds every disk sample of the largest candidate."""
+
+  start: int
+  rows: int
+  window_start: int
+  window: int
+
+
+def radius_bands(grid_shape: tuple[int, int], max_radius: float, positions: int,
+                 n_bands: int = 2) -> tuple[RadiusBand, ...]:
+  """`n_bands` evenly spaced bands of whole grid rows holding about `positions` positions in all.
+
+  Whole rows because the local fit works on row windows (the log-densities of a band's window are
+  computed once for every candidate radius); several bands so that the comparison sees the top and
+  the bottom of an image, not only its middle. A grid too short for separate windows is one band of
+  all its rows."""
+  h, w = int(grid_shape[0]), int(grid_shape[1])
+  reach = _halo(disk_offsets(max_radius))
+  rows = max(1, -(-int(positions) // (n_bands * w)))
+  if n_bands * (rows + 2 * reach) >= h:
+    return (RadiusBand(0, h, 0, h),)
+  bands = []
+  for i in range(n_bands):
+    start = int(np.clip(round((i + 0.5) * h / n_bands - rows / 2), 0, h - rows))
+    window = min(h, rows + 2 * reach)
+    window_start = int(np.clip(start - reach, 0, h - window))
+    bands.append(RadiusBand(start, rows, window_start, window))
+  return tuple(bands)
+
+
+@functools.partial(jax.jit, static_argnames=("radii_offsets", "rows", "grid", "window", "per_batch",
+                                             "tile", "max_iter"))
+def _held_out_band(fit_window: jax.Array, held_rows: jax.Array, start: jax.Array,
+                   window_start: jax.Array, centre: jax.Array, w_pieces: list, bias: jax.Array,
+                   init_log_weights: jax.Array, tol: jax.Array, *, radii_offsets, rows: int,
+                   grid: tuple[int, int], window: int, per_batch: int, tile: int, max_iter: int
+                   ) -> jax.Array:
+  """log p(u) = log sum_k pi_k(x) N(u; mu_k, Sigma_k) of held-out samples u at the positions x of a band,
+  with the local weights fitted (Eq. 10-12) at each candidate radius on the fit images' window.
+
+  Returns:
+    array of shape (n_radii, M_held, rows * w).
+  """
+  log_dens, z0, best0 = _window_log_densities(fit_window, centre, w_pieces, bias, init_log_weights,
+                                              per_batch=per_batch)
+  m_held, _, w, d = held_rows.shape
+  k = bias.shape[0]
+  held = log_densities(held_rows.reshape(-1, d), (centre, w_pieces, bias)).reshape(k, m_held, rows * w)
+  out = []
+  for offsets in radii_offsets:  # static and short (the candidate radii)
+    log_w = _fit_window_rows(log_dens, z0, best0, start, window_start, tol, None, offsets=offsets,
+                             rows=rows, grid=grid, window=window, per_batch=per_batch, tile=tile,
+                             max_iter=max_iter)[0]  # (rows * w, K')
+    out.append(jax.nn.logsumexp(held + log_w.T[:, None, :], axis=0))
+  return jnp.stack(out)
+
+
+def max_band_images(bands: Sequence[RadiusBand], width: int, n_components: int,
+                    max_chunk_elements: int = _DEFAULT_CHUNK_ELEMENTS) -> int:
+  """How many fit images `held_out_log_likelihood` may take within the local fit's memory bound: a band's
+  (M, window, w, K') log-densities are held at once, as a chunk's in `fit_local_log_weights`."""
+  k_pad = -(-n_components // _ARGMAX_BLOCK) * _ARGMAX_BLOCK
+  return max(1, max_chunk_elements // (max(b.window for b in bands) * int(width) * k_pad))
+
+
+def held_out_log_likelihood(fit_windows: Sequence[jax.Array | np.ndarray],
+                            held_rows: Sequence[jax.Array | np.ndarray], bands: Sequence[RadiusBand],
+                            mixture: GaussianMixture, radii: Sequence[float], grid_shape: tuple[int, int],
+                            max_iter: int = 100, tol: float = 1e-6,
+                            max_chunk_elements: int = _DEFAULT_CHUNK_ELEMENTS) -> np.ndarray:
+  """Per-image mean log-likelihood of held-out good images under local weights fitted at each radius.
+
+  For every band of `radius_bands`, the local weights of the band's positions are fitted at every
+  candidate radius on the fit images (the same K-MLE as `fit_local_log_weights`: the weights of a
+  position depend only on its own disk samples, so a band gives those positions' full-grid weights),
+  and the held-out images' samples at those positions are scored by the local mixture
+  sum_k pi_k(x) N(u; mu_k, Sigma_k) (Section 3.3's per-position likelihood).
+
+  Args:
+    fit_windows: per band, array of shape (M_fit, band.window, w, d): the fit images' features of the
+      band's window rows.
+    held_rows: per band, array of shape (M_held, band.rows, w, d): the held-out images' features of the
+      band's rows.
+    bands: the bands (`radius_bands` with the largest candidate radius).
+    mixture: the layer's global mixture.
+    radii: candidate radii (the bands' windows must hold the largest one's disks).
+    grid_shape: (h, w) of the whole layer (the bands' disks are clipped at its borders).
+    max_iter, tol: as in `fit_local_log_weights`.
+    max_chunk_elements: memory bound of one band's log-densities, as in `fit_local_log_weights`.
+
+  Returns:
+    float64 array of shape (n_radii, M_held): each held-out image's mean log p over the bands' positions.
+  """
+  h, w = int(grid_shape[0]), int(grid_shape[1])
+  k = mixture.n_components
+  k_pad = -(-k // _ARGMAX_BLOCK) * _ARGMAX_BLOCK
+  radii_offsets = tuple(disk_offsets(r) for r in radii)
+  n_off = max(len(o) for o in radii_offsets)
+  dtype = jnp.asarray(fit_windows[0]).dtype
+  centre, w_pieces, bias, init = _padded_density_params(mixture, dtype, k_pad)
+  sums, count = 0.0, 0
+  for band, fit_window, held in zip(bands, fit_windows, held_rows):
+    m, window, _, d = fit_window.shape
+    if window != band.window or held.shape[1] != band.rows:
+      raise ValueError(f"band {band} does not match its features: window {tuple(fit_window.shape)}, "
+                       f"held-out rows {tuple(held.shape)}")
+    per_batch = int(max(1, min(window * w, default_chunk_size(d) // m)))
+    tile = int(max(1, min(_TILE_POSITIONS, band.rows * w, max_chunk_elements // (4 * k_pad * m * n_off))))
+    ll = _held_out_band(jnp.asarray(fit_window), jnp.asarray(held), jnp.int32(band.start),
+                        jnp.int32(band.window_start), centre, w_pieces, bias, init, jnp.asarray(tol, dtype),
+                        radii_offsets=radii_offsets, rows=band.rows, grid=(h, w), window=window,
+                        per_batch=per_batch, tile=tile, max_iter=int(max_iter))
+    ll = np.asarray(ll, np.float64)
+    sums = sums + ll.sum(axis=-1)
+    count += ll.shape[-1]
+  return sums / count
 
 
 def sparsify(log_weights: jax.Array | np.ndarray,

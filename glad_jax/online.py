@@ -385,6 +385,16 @@ class LayerUpdateInfo:
   n_components: int
 
 
+def layer_radius(model: scoring.LayerModel, config: Any) -> float:
+  """The disk radius of a layer's local weights: stored per layer since radius="auto"; a model stored
+  before that has its configuration's (a number then)."""
+  if model.radius is not None:
+    return float(model.radius)
+  if config.radius == "auto":
+    raise ValueError("this model's local weights do not say which radius they were fitted with: refit it")
+  return float(config.radius)
+
+
 def update_layer(model: scoring.LayerModel, mixture: GaussianMixture, stats: LayerUpdateStats,
                  features: Any, config: UpdateConfig, *, use_oas: bool, radius: float,
                  key: jax.Array) -> tuple[scoring.LayerModel, LayerUpdateStats, LayerUpdateInfo]:
@@ -417,7 +427,7 @@ def update_layer(model: scoring.LayerModel, mixture: GaussianMixture, stats: Lay
     local, totals, linfo = update_local_weights(
         model.local, stats.local_totals, feats, new_mix, ginfo.index, forgetting=config.forgetting,
         radius=radius, max_iter=config.local_max_iter)
-  new_model = scoring.make_layer_model(new_mix, model.grid_shape, local)
+  new_model = scoring.make_layer_model(new_mix, model.grid_shape, local, radius=radius)
   new_stats = LayerUpdateStats(mixture=new_stats, local_totals=totals,
                                sample_rate=stats.sample_rate,
                                n_images=config.forgetting * stats.n_images + m)
@@ -500,7 +510,7 @@ def update_state(state: Any, features: Mapping[str, Any], config: UpdateConfig =
   for i, name in enumerate(state.layers):
     layers[name], stats[name], infos[name] = update_layer(
         state.layers[name], state.mixture(name), state.update_stats[name], features[name], config,
-        use_oas=c.use_oas, radius=c.radius, key=jax.random.fold_in(key, i))
+        use_oas=c.use_oas, radius=layer_radius(state.layers[name], c), key=jax.random.fold_in(key, i))
   record = UpdateRecord(
       date=date or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       n_images=int(n_images), forgetting=float(config.forgetting),

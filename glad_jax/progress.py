@@ -8,12 +8,13 @@ call. Events (stage, info):
     "plan":        {layer, n_vectors, n_used, reason, optional est_seconds, est_mb}
     "global":      {layer, iteration, max_iter, log_likelihood, components}
     "global_done": {layer, n_components, n_iter, converged, seconds}
+    "radius":      {layer, radius, radii, held_out_log_likelihood, n_held_out, positions}
 
 On a terminal the counters are tqdm bars (as `glad` always showed them). Off a terminal (a log file, CI, nohup,
 a notebook) tqdm draws nothing, so a fit of forty minutes would be silent: there the reporter writes one line per
 event, at most one every `interval` seconds per stage; the first and the last event of a stage always print
 (the last one when it comes, or when the next stage starts, since a fit that converges early has no event saying
-"last"). "plan" and "global_done" events print one line each in both forms. Disabled (`glad --quiet`) it prints
+"last"). "plan", "global_done" and "radius" events print one line each in both forms. Disabled (`glad --quiet`) it prints
 nothing.
 
 The clock and the stream are constructor arguments, so that tests are deterministic.
@@ -102,10 +103,11 @@ class ProgressReporter:
   def __call__(self, stage: str, info: Mapping[str, Any]) -> None:
     if not self.enabled:
       return
-    if stage in ("plan", "global_done"):
+    if stage in ("plan", "global_done", "radius"):
       # One line each, after whatever the previous stage left unprinted.
       self.close()
-      self._write(self._plan_line(info) if stage == "plan" else self._done_line(info))
+      line = {"plan": self._plan_line, "global_done": self._done_line, "radius": self._radius_line}[stage](info)
+      self._write(line)
       return
     if stage == "global":
       key, count, total = (stage, info["layer"]), int(info["iteration"]), int(info["max_iter"])
@@ -187,6 +189,16 @@ class ProgressReporter:
     how = "converged" if info["converged"] else "capped at max_iter (not converged)"
     return (f"global fit {info['layer']} done: K={int(info['n_components'])} kept, {int(info['n_iter'])} "
             f"iterations, {how}, {format_duration(float(info['seconds']))}")
+
+  @staticmethod
+  def _radius_line(info: Mapping[str, Any]) -> str:
+    line = f"local radius {info['layer']}: r = {float(info['radius']):g}"
+    lls = info.get("held_out_log_likelihood") or []
+    if lls:
+      each = ", ".join(f"r = {float(r):g}: {float(v):.4f}" for r, v in zip(info["radii"], lls))
+      line += (f" (held-out log-likelihood of {int(info['n_held_out'])} training images at "
+               f"{int(info['positions'])} positions: {each})")
+    return line
 
   # ---------------------------------------------------------------------------------------------- bars
 

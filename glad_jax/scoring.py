@@ -61,6 +61,8 @@ class LayerModel:
     log_weights: array of shape (K,), log of the global weights pi_k.
     local: the sparse local weight map, or None for the global-only ablation.
     grid_shape: (h, w) of the layer's feature grid (static).
+    radius: disk radius r the local weights were fitted with (static; None without local weights, or
+      from a checkpoint written before the radius was stored per layer: then the config's).
   """
 
   means: jax.Array
@@ -69,6 +71,7 @@ class LayerModel:
   log_weights: jax.Array
   local: SparseLocalWeights | None
   grid_shape: tuple[int, int] = struct.field(pytree_node=False)
+  radius: float | None = struct.field(pytree_node=False, default=None)
 
   @property
   def n_components(self) -> int:
@@ -101,13 +104,14 @@ class Scores(NamedTuple):
 
 
 def make_layer_model(mixture: GaussianMixture, grid_shape: tuple[int, int],
-                     local: SparseLocalWeights | None = None) -> LayerModel:
+                     local: SparseLocalWeights | None = None, radius: float | None = None) -> LayerModel:
   """Precomputes the scoring state of one layer (precision factors, log-dets, log-weights).
 
   Args:
     mixture: the global mixture of the layer.
     grid_shape: (h, w) of the layer's feature grid.
     local: its sparse local weights (None: global-only scoring).
+    radius: the disk radius `local` was fitted with (kept for online updates; ignored without `local`).
 
   Raises:
     ValueError: if `local` was fitted on another grid or another number of components.
@@ -122,7 +126,8 @@ def make_layer_model(mixture: GaussianMixture, grid_shape: tuple[int, int],
                        f"mixture has K={mixture.n_components}")
   return LayerModel(means=mixture.means, prec_chol=precision_cholesky(mixture.cov_chol),
                     log_det=cholesky_log_det(mixture.cov_chol),
-                    log_weights=jnp.log(mixture.weights), local=local, grid_shape=grid_shape)
+                    log_weights=jnp.log(mixture.weights), local=local, grid_shape=grid_shape,
+                    radius=None if local is None or radius is None else float(radius))
 
 
 def _segment_logsumexp(values: jax.Array, segments: jax.Array, n_segments: int) -> jax.Array:

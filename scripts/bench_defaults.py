@@ -64,7 +64,7 @@ def run_one(category: pathlib.Path, setting: str, out: pathlib.Path, extra: list
   model = GLAD.load(out / "ckpt")
   layers = {name: {"n_vectors": i.n_samples, "n_used": i.n_samples_global, "reason": i.global_reason,
                    "n_iter": i.n_iter, "converged": i.converged, "seconds_global": i.seconds_global,
-                   "seconds_local": i.seconds_local}
+                   "seconds_local": i.seconds_local, "radius": i.radius}
             for name, i in model.fit_info.items()}
   return {"category": category.name, "setting": setting, "fit_s": fit_s, "layers": layers,
           "image_auroc": metrics.get("image_auroc"), "pixel_auroc": metrics.get("pixel_auroc"),
@@ -76,15 +76,17 @@ def _fmt(v, spec=".4f") -> str:
 
 
 def table(rows: list[dict], budget: float) -> str:
-  head = ("| category | setting | fit s | within budget | global fit on (per layer) | iterations | image AUROC "
-          "| pixel AUROC | AUPRO |")
-  lines = [head, "|" + "---|" * 9]
+  head = ("| category | setting | fit s | within budget | global fit on (per layer) | iterations | local radius "
+          "| image AUROC | pixel AUROC | AUPRO |")
+  lines = [head, "|" + "---|" * 10]
   for r in rows:
     used = " / ".join(f"{l['n_used']:,}" + ("" if l["n_used"] < l["n_vectors"] else " (all)")
                       for l in r["layers"].values())
     iters = " / ".join(f"{l['n_iter']}" + ("" if l["converged"] else "*") for l in r["layers"].values())
+    radii = " / ".join("-" if l.get("radius") is None else f"{l['radius']:g}" for l in r["layers"].values())
     lines.append(f"| {r['category']} | {r['setting']} | {r['fit_s']:.1f} | {'yes' if r['fit_s'] <= budget else 'NO'} "
-                 f"| {used} | {iters} | {_fmt(r['image_auroc'])} | {_fmt(r['pixel_auroc'])} | {_fmt(r['aupro'])} |")
+                 f"| {used} | {iters} | {radii} | {_fmt(r['image_auroc'])} | {_fmt(r['pixel_auroc'])} "
+                 f"| {_fmt(r['aupro'])} |")
   return "\n".join(lines) + "\n(* = stopped at max_iter without reaching tol)"
 
 

@@ -379,6 +379,39 @@ def run(args) -> tuple[str, dict[str, Any]]:
   return report, data
 
 
+def add_study_arguments(p: argparse.ArgumentParser) -> None:
+  """The options the study scripts (study_local_radius.py, study_score_rule.py) share with the benchmark."""
+  p.add_argument("extra", nargs="*", help="more MVTec-layout category folders")
+  p.add_argument("--dev", default="all", help="development categories: all, none or a comma-separated list")
+  p.add_argument("--data-root", default=str(DATA_ROOT))
+  p.add_argument("--max-train", type=int, default=MAX_TRAIN)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--batch-size", type=int, default=16)
+  p.add_argument("--quick", action="store_true", help="tiny subsets, K=16, 128 px: a smoke test")
+  p.add_argument("--out", default=None)
+
+
+def study_setup(args, name: str):
+  """(GLAD config, category splits, feature extractor) of a study script: GLAD's defaults (--quick: QUICK's K,
+  size and samples), the benchmark's splits and subsets; prints one line per category to stderr."""
+  from glad_jax.backbones.extractor import feature_extractor_from_config
+  from glad_jax.config import GLADConfig
+
+  quick = QUICK if args.quick else {}
+  config = GLADConfig(seed=args.seed)
+  if args.quick:
+    config = config.replace(n_components=quick["k"], image_size=quick["image_size"],
+                            max_samples=quick["max_samples"])
+  splits = [split_category(read_category(s, pathlib.Path(args.data_root), args.seed), seed=args.seed,
+                           max_train=quick.get("max_train", args.max_train), max_test=quick.get("max_test"),
+                           max_held=quick.get("max_held"))
+            for s in category_specs(args)]
+  for data in splits:
+    print(f"{name}: {data.name}: {len(data.train)} training, {len(data.held)} held-out good "
+          f"({data.held_split}), {len(data.test)} test images", file=sys.stderr)
+  return config, splits, feature_extractor_from_config(config)
+
+
 def write_outputs(out: str | pathlib.Path, name: str, report: str, data: dict[str, Any]
                   ) -> tuple[pathlib.Path, pathlib.Path]:
   """Writes OUT/<name>.md (the printed report) and OUT/<name>.json (every number); returns both paths."""

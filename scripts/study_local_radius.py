@@ -7,7 +7,7 @@ The local weights pi_k(x) (Eq. 10-12) of GLAD are fitted on the samples of the d
 pools more samples per position (steadier weights, tolerant of misregistration) and blurs position-specific
 structure. This study asks whether a label-free rule picks r well: for every category (the splits and subsets of
 scripts/benchmark.py: held-out good images, training capped at --max-train, the whole test split) it fits GLAD with
-its defaults once (r = GLADConfig().radius), refits only the local weights at every other radius of --radii on the
+its defaults once at the first radius of --radii, refits only the local weights at every other radius on the
 same global mixtures, and reports per radius
 
   held_nll            the mean of the held-out good images' anomaly maps (minus the per-position log-likelihood
@@ -15,7 +15,8 @@ same global mixtures, and reports per radius
   held_nll_<layer>    the same, one layer at a time
   image_auroc, pixel_auroc, aupro   of the test split, to explain what the choice does (never used to choose)
 
---quick: tiny subsets, K = 16, 128 px (a smoke test). With --out DIR the table goes to DIR/study_local_radius.md
+This is the whole-grid study the default's rule (`radius="auto"`, `glad_jax.methods.glad.choose_radius`: training
+images only, bands of rows, a paired test) came from. --quick: tiny subsets, K = 16, 128 px (a smoke test). With --out DIR the table goes to DIR/study_local_radius.md
 and the numbers to DIR/study_local_radius.json.
 """
 
@@ -35,15 +36,8 @@ import benchmark  # noqa: E402  (the benchmark's splits, subsets and category na
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("extra", nargs="*", help="more MVTec-layout category folders")
-  p.add_argument("--dev", default="all", help="development categories: all, none or a comma-separated list")
-  p.add_argument("--data-root", default=str(benchmark.DATA_ROOT))
+  benchmark.add_study_arguments(p)
   p.add_argument("--radii", default="1,2,3", help="radii to compare (grid units), the default fit's first")
-  p.add_argument("--max-train", type=int, default=benchmark.MAX_TRAIN)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--batch-size", type=int, default=16)
-  p.add_argument("--quick", action="store_true", help="tiny subsets, K=16, 128 px: a smoke test")
-  p.add_argument("--out", default=None)
   return p
 
 
@@ -68,7 +62,7 @@ def with_radius(state, features: dict, radius: float):
     mixture = state.mixture(name)
     weights = local_lib.fit_local_weights(features[name], mixture, radius=radius, max_iter=c.local_max_iter,
                                           tol=c.tol)
-    layers[name] = scoring.make_layer_model(mixture, tuple(features[name].shape[1:3]), weights)
+    layers[name] = scoring.make_layer_model(mixture, tuple(features[name].shape[1:3]), weights, radius=radius)
   # The update statistics belong to the radius of the fit: this state is for scoring only.
   return state.replace(layers=layers, config=c.replace(radius=radius), update_stats=None)
 
@@ -117,26 +111,12 @@ def study_category(data, config, extractor, radii: Sequence[float], *, seed: int
 
 
 def run(args) -> tuple[str, dict[str, Any]]:
-  from glad_jax.config import GLADConfig
-  from glad_jax.backbones.extractor import feature_extractor_from_config
   from glad_jax.report import markdown_table
 
   radii = parse_radii(args.radii)
-  quick = benchmark.QUICK if args.quick else {}
-  config = GLADConfig(seed=args.seed)
-  if args.quick:
-    config = config.replace(n_components=quick["k"], image_size=quick["image_size"],
-                            max_samples=quick["max_samples"])
-  specs = benchmark.category_specs(args)
-  splits = [benchmark.split_category(benchmark.read_category(s, pathlib.Path(args.data_root), args.seed),
-                                     seed=args.seed, max_train=quick.get("max_train", args.max_train),
-                                     max_test=quick.get("max_test"), max_held=quick.get("max_held"))
-            for s in specs]
-  extractor = feature_extractor_from_config(config)
+  config, splits, extractor = benchmark.study_setup(args, "study_local_radius")
   rows = []
   for data in splits:
-    print(f"study_local_radius: {data.name}: {len(data.train)} training, {len(data.held)} held-out good "
-          f"({data.held_split}), {len(data.test)} test images", file=sys.stderr)
     rows += study_category(data, config, extractor, radii, seed=args.seed, batch_size=args.batch_size)
   chosen = [r for r in rows if r["chosen"]]
   first = [r for r in rows if r["radius"] == radii[0]]

@@ -18,6 +18,7 @@ def test_bench_defaults_runs_fit_and_eval_and_prints_the_table(tmp_path, capsys)
   for r in rows:
     assert r["fit_s"] > 0 and 0.0 <= r["image_auroc"] <= 1.0 and 0.0 <= r["pixel_auroc"] <= 1.0
     assert set(r["layers"]) == {"layer1", "layer2", "layer3"}
+    assert all(l["radius"] in (1.0, 2.0, 3.0) for l in r["layers"].values())  # radius="auto"'s choice
   capped = rows[1]["layers"]["layer1"]
   assert capped["n_used"] == 300 < capped["n_vectors"] and capped["reason"] == "max_samples cap"
   assert "plan layer1" in (out / "cat" / "300" / "fit.log").read_text()   # the plain progress lines

@@ -126,3 +126,46 @@ def test_model_options_reach_the_config():
   assert (config.n_components, config.use_oas, config.local, config.backbone_dtype, config.layers,
           config.max_samples) == (7, False, False, "bfloat16", ("layer1", "layer3"), 500)
   assert cli._config_from_args(cli.build_parser().parse_args(["fit", "d", "--out", "o"])).backbone_dtype == "float32"
+
+  def radius(*flags):
+    return cli._config_from_args(cli.build_parser().parse_args(["fit", "d", "--out", "o", *flags])).radius
+
+  assert (radius(), radius("--radius", "2"), radius("--radius", "AUTO"), radius("--paper")) == ("auto", 2.0, "auto",
+                                                                                               1.0)
+
+
+def test_automatic_choices_come_from_training_images_only(tmp_path):
+  """Two categories with the same train/good and different test folders (other images, other counts, another
+  defect class) give the same model: the automatic choices (the local radius per layer, the thresholds'
+  held-out images) read the training images only."""
+  import shutil
+
+  import jax
+
+  from PIL import Image
+
+  from conftest import make_category, texture
+  from glad_jax.model import GLAD
+
+  a = make_category(tmp_path / "a", n_train=10, n_good=3, n_bad=3, seed=0)
+  b = make_category(tmp_path / "b", n_train=10, n_good=5, n_bad=1, seed=0)
+  for sub in ("test/square", "ground_truth/square"):  # another defect class in b
+    shutil.move(str(b / sub), str(b / sub.replace("square", "blob")))
+  rng = np.random.default_rng(99)
+  for p in (b / "test/good").iterdir():  # and other good test images
+    Image.fromarray(texture(rng)).save(p)
+  # Same training images; the test images differ.
+  for p in (a / "train/good").iterdir():
+    assert p.read_bytes() == (b / "train/good" / p.name).read_bytes()
+  assert (a / "test/good/000.png").read_bytes() != (b / "test/good/000.png").read_bytes()
+  models = []
+  for cat in (a, b):
+    out = tmp_path / f"ck_{cat.name}"
+    assert cli.main(["--quiet", "fit", str(cat), "--out", str(out), "--holdout", "0.2"] + TINY) == 0
+    models.append(GLAD.load(out))
+  (ma, mb) = models
+  assert [i.radius_choice for i in ma.fit_info.values()] == [i.radius_choice for i in mb.fit_info.values()]
+  assert all(i.radius_choice["n_held_out"] >= 1 for i in ma.fit_info.values())
+  for x, y in zip(jax.tree_util.tree_leaves(ma.state), jax.tree_util.tree_leaves(mb.state)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert jax.tree_util.tree_structure(ma.state) == jax.tree_util.tree_structure(mb.state)

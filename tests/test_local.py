@@ -330,3 +330,42 @@ def test_fit_local_weights_validation():
     local.fit_local_weights(good, mix, tol=-0.1)
   with pytest.raises(ValueError, match="tile_size .* got 0"):
     local.fit_local_weights(good, mix, tile_size=0)
+
+
+def test_radius_bands_cover_their_disks():
+  """Two evenly spaced bands of whole rows whose windows hold the largest disk; small grids: one band."""
+  bands = local.radius_bands((64, 64), 3.0, 128)
+  assert [(b.rows, b.window) for b in bands] == [(1, 7), (1, 7)]
+  assert bands[0].start < 32 <= bands[1].start
+  for grid, r, n in [((64, 64), 3.0, 128), ((16, 16), 3.0, 128), ((40, 7), 2.0, 30), ((30, 8), 3.0, 40)]:
+    for b in local.radius_bands(grid, r, n):
+      assert b.window_start <= max(0, b.start - int(r))
+      assert min(grid[0], b.start + b.rows + int(r)) <= b.window_start + b.window <= grid[0]
+  assert local.radius_bands((16, 16), 3.0, 128) == (local.RadiusBand(0, 16, 0, 16),)
+
+
+def test_held_out_log_likelihood_matches_whole_grid_fits():
+  """Per radius, the bands' held-out log-likelihood equals a whole-grid fit (`fit_local_log_weights`) read
+  at the bands' positions with SciPy log-densities: sum_k pi_k(x) N(u; k) over the local weights."""
+  rng = np.random.default_rng(11)
+  m_fit, m_held, h, w, k, d = 7, 3, 20, 5, 9, 2
+  mix, means, covs, _ = _mixture(rng, k, d, spread=2.0, scale=0.4)
+  # Position-dependent data, shifted by one column in half the images (misregistration).
+  centres = rng.integers(0, k, (h, w, 2))
+  z = centres[np.arange(h)[None, :, None], np.arange(w)[None, None, :], rng.integers(0, 2, (m_fit + m_held, h, w))]
+  feats = (means[z] + 0.6 * rng.standard_normal((m_fit + m_held, h, w, d))).astype(np.float32)
+  feats[::2] = np.roll(feats[::2], 1, axis=2)
+  fit, held = feats[:m_fit], feats[m_fit:]
+  radii = [1.0, 2.0]
+  bands = local.radius_bands((h, w), max(radii), 10)
+  assert len(bands) == 2
+  got = local.held_out_log_likelihood([fit[:, b.window_start:b.window_start + b.window] for b in bands],
+                                      [held[:, b.start:b.start + b.rows] for b in bands], bands, mix, radii,
+                                      (h, w), max_iter=20, tol=1e-6)
+  dens = _scipy_log_dens(held.reshape(-1, d).astype(np.float64), means, covs).reshape(m_held, h, w, k)
+  for i, r in enumerate(radii):
+    log_w = np.asarray(local.fit_local_log_weights(fit, mix, radius=r, max_iter=20, tol=1e-6)[0], np.float64)
+    rows = np.concatenate([np.arange(b.start, b.start + b.rows) for b in bands])
+    ll = np.logaddexp.reduce(dens[:, rows] + log_w[None, rows], axis=-1)  # (M_held, rows, w)
+    np.testing.assert_allclose(got[i], ll.reshape(m_held, -1).mean(axis=1), rtol=1e-5, atol=1e-5)
+  assert got.shape == (2, m_held)

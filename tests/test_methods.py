@@ -259,3 +259,83 @@ def test_readme_extending_example_runs(tmp_path, monkeypatch, capsys):
   maps, scores = namespace["maps"], namespace["scores"]
   np.testing.assert_allclose(np.asarray(scores), np.asarray(maps).max(axis=(1, 2)))
   assert 0.0 <= namespace["result"]["image_auroc"] <= 1.0 and "pixel_auroc" in namespace["result"]
+
+
+# ------------------------------------------------------------------------------------- local radius
+
+
+def _radius_features(structured: bool, n: int = 12, g: int = 12) -> dict[str, np.ndarray]:
+  """structured: every position draws around the mean of its own (y mod 3, x mod 3) class, which differs from
+  its neighbours' (position-specific, registered); else every position draws from the same 9 blobs."""
+  rng = np.random.default_rng(3)
+  if structured:
+    yy, xx = np.mgrid[:g, :g]
+    centre = np.stack([10.0 * (yy % 3), 10.0 * (xx % 3)], -1)[None]
+  else:
+    centre = 10.0 * rng.integers(0, 3, (n, g, g, 2))
+  return {"layer1": (centre + 0.3 * rng.normal(size=(n, g, g, 2))).astype(np.float32)}
+
+
+@pytest.mark.parametrize("structured, want", [(True, 1.0), (False, 3.0)])
+def test_auto_radius_follows_the_held_out_images(structured, want):
+  """Position-specific data keep the smallest disk; data alike at every position pool the largest one.
+  The choice is reproducible from its record: the held-out draw's log-likelihoods (one per candidate) and
+  the state's per-layer radius, which a fixed radius fit at the chosen value matches."""
+  from glad_jax.methods import glad
+
+  # 8 fit images: at r = 1 a position's 40 samples miss some of the 9 blobs, which costs held-out images alike
+  # at every position much more than pooling wider disks.
+  cfg = GLADConfig(layers=("layer1",), image_size=S, n_components=9, max_iter=20, local_max_iter=20,
+                   radius_holdout=0.34)
+  feats = _radius_features(structured)
+  state, infos = glad.fit_with_info(feats, cfg, jax.random.key(0))
+  choice = infos["layer1"].radius_choice
+  # 4 held-out images per fold, 3 disjoint folds (12 images): every image held out once.
+  assert choice["radii"] == [1.0, 2.0, 3.0] and choice["positions"] == 144
+  assert (choice["n_held_out"], choice["n_folds"]) == (12, 3)
+  lls = choice["held_out_log_likelihood"]
+  assert choice["radius"] == want and (lls[0] > lls[1] if structured else lls[0] < lls[1] < lls[2])
+  assert infos["layer1"].radius == state.layers["layer1"].radius == want
+  fixed = glad.fit(feats, cfg.replace(radius=want), jax.random.key(0))
+  chex.assert_trees_all_equal(fixed.layers["layer1"].local, state.layers["layer1"].local)
+
+
+def test_next_radius_wins_is_a_paired_test():
+  from glad_jax.methods import glad
+
+  rng = np.random.default_rng(0)
+  base = rng.normal(size=30) * 5.0  # large image-to-image spread, shared by both radii
+  assert glad.next_radius_wins(base, base + 0.3 + 0.1 * rng.normal(size=30))
+  assert not glad.next_radius_wins(base, base + 0.01 * rng.normal(size=30))  # within the noise
+  assert not glad.next_radius_wins(base, base - 0.3)
+  assert not glad.next_radius_wins(base[:1], base[:1] + 1.0)  # one image: no error estimate
+  gain = np.array([0.1, 0.3, 0.2, 0.4])
+  se = gain.std(ddof=1) / 2.0
+  assert glad.next_radius_wins(np.zeros(4), gain, z=gain.mean() / se - 1e-9)
+  assert not glad.next_radius_wins(np.zeros(4), gain, z=gain.mean() / se + 1e-9)
+
+
+def test_auto_radius_config_checks_and_paper():
+  from glad_jax.methods import glad
+
+  for bad, match in [(dict(radius="big"), "radius must be 'auto' or a number"),
+                     (dict(radius=-1.0), "radius must be 'auto' or a number"),
+                     (dict(radius_candidates=()), "radius_candidates"),
+                     (dict(radius_holdout=1.0), "radius_holdout")]:
+    with pytest.raises(ValueError, match=match):
+      glad.check_config(BASE.replace(**bad))
+  assert GLADConfig().radius == "auto" and GLADConfig().paper().radius == 1.0
+
+
+def test_auto_radius_bounds_its_fit_images(monkeypatch):
+  """Beyond the local fit's memory bound the comparison fits an evenly spaced subset of the fit images."""
+  from glad_jax import local
+  from glad_jax.methods import glad
+
+  assert local.max_band_images(local.radius_bands((64, 64), 3.0, 128), 64, 1000) == 2**29 // (7 * 64 * 1000)
+  monkeypatch.setattr(glad.local_lib, "max_band_images", lambda bands, w, k: 5)
+  cfg = GLADConfig(layers=("layer1",), image_size=S, n_components=9, max_iter=20, local_max_iter=20,
+                   radius_holdout=0.34)
+  _, infos = glad.fit_with_info(_radius_features(False), cfg, jax.random.key(0))
+  choice = infos["layer1"].radius_choice
+  assert choice["n_fit"] == 5 and choice["n_held_out"] == 12 and len(choice["held_out_log_likelihood"]) == 3

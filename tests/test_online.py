@@ -608,3 +608,37 @@ def test_cli_update_refuses_bad_input(small_fit, tmp_path, capsys):
     assert err.startswith("glad: error: ") and message in err and "\n" not in err
   assert tree_digest(ckpt) == digest
   assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
+
+
+def test_update_uses_each_layers_own_radius():
+  """radius="auto" may give the layers different radii: the local update of a layer counts the new images'
+  samples over that layer's disk (stored with its model), and a model stored before the per-layer radius
+  falls back to its configuration's number."""
+  from glad_jax import scoring
+  from glad_jax.methods import glad as glad_method
+
+  rng = np.random.default_rng(4)
+  feats = {"layer1": rng.normal(size=(12, 6, 6, 2)).astype(np.float32)}
+  cfg = GLADConfig(layers=("layer1",), image_size=24, n_components=3, max_iter=10, local_max_iter=10, radius=2.0)
+  state = glad_method.fit(feats, cfg, jax.random.key(0))
+  assert state.layers["layer1"].radius == 2.0
+  new = {"layer1": rng.normal(size=(4, 6, 6, 2)).astype(np.float32)}
+  updated = glad_method.update(state, new)
+  # The same update with the stored radius said explicitly, and with another radius (different counts).
+  lm, stats = state.layers["layer1"], state.update_stats["layer1"]
+  upd = lo.UpdateConfig()
+  key = jax.random.fold_in(jax.random.key(upd.seed), 0)
+  same, _, _ = lo.update_layer(lm, state.mixture("layer1"), stats, new["layer1"], upd, use_oas=True, radius=2.0,
+                                   key=key)
+  other, _, _ = lo.update_layer(lm, state.mixture("layer1"), stats, new["layer1"], upd, use_oas=True,
+                                    radius=1.0, key=key)
+  got = updated.layers["layer1"]
+  assert got.radius == 2.0
+  np.testing.assert_array_equal(np.asarray(got.local.tile_log_weight), np.asarray(same.local.tile_log_weight))
+  assert (np.asarray(other.local.tile_log_weight).shape != np.asarray(same.local.tile_log_weight).shape
+          or not np.array_equal(np.asarray(other.local.tile_log_weight), np.asarray(same.local.tile_log_weight)))
+  old_style = lm.replace(radius=None)
+  assert lo.layer_radius(old_style, cfg) == 2.0 and lo.layer_radius(lm, cfg.replace(radius="auto")) == 2.0
+  with pytest.raises(ValueError, match="refit"):
+    lo.layer_radius(old_style, cfg.replace(radius="auto"))
+  assert isinstance(got, scoring.LayerModel)

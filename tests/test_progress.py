@@ -228,3 +228,15 @@ def test_quiet_fit_prints_no_progress(category, tmp_path, capsys):
   err = capsys.readouterr().err
   assert "glad: fitting on" in err and "  layer1: d=" in err  # what --quiet keeps
   assert "glad [" not in err and "iteration 1/" not in err
+
+
+def test_radius_choice_line():
+  rep, out = plain(FakeClock())
+  rep("radius", {"layer": "layer1", "radius": 2.0, "radii": [1.0, 2.0, 3.0],
+                 "held_out_log_likelihood": [-5.1234, -5.01, -5.02], "n_held_out": 20, "positions": 128})
+  rep("radius", {"layer": "layer2", "radius": 1.0, "radii": [1.0], "held_out_log_likelihood": [],
+                 "n_held_out": 0, "positions": 0})
+  assert lines(out) == [
+      "glad [00:00] local radius layer1: r = 2 (held-out log-likelihood of 20 training images at 128 positions: "
+      "r = 1: -5.1234, r = 2: -5.0100, r = 3: -5.0200)",
+      "glad [00:00] local radius layer2: r = 1"]

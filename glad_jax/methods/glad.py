@@ -55,6 +55,9 @@ class LayerFitInfo:
   mean_nnz: float | None  # mean non-zero local weights per position
   global_reason: str = REASON_ALL  # why n_samples_global: "all" / "max_samples cap" / "max_sample_work cap" /
   #                                   "time budget"
+  radius: float | None = None  # the local weights' disk radius (None: global-only)
+  radius_choice: dict | None = None  # radius="auto": what chose it (`choose_radius`'s record)
+  # seconds_local includes the radius choice.
 
 
 @struct.dataclass
@@ -155,8 +158,14 @@ def check_config(c: GLADConfig) -> None:
     raise ValueError(f"config.max_sample_work must be >= 1 or None, got {c.max_sample_work!r}")
   if c.label_tol is not None and not 0.0 <= c.label_tol < 1.0:
     raise ValueError(f"config.label_tol must be in [0, 1) or None, got {c.label_tol!r}")
-  if c.radius < 0:
-    raise ValueError(f"config.radius must be >= 0, got {c.radius}")
+  if c.radius != "auto" and (isinstance(c.radius, (str, bool)) or not c.radius >= 0):
+    raise ValueError(f"config.radius must be 'auto' or a number >= 0, got {c.radius!r}")
+  if c.radius == "auto":
+    cands = tuple(c.radius_candidates)
+    if not cands or any(isinstance(r, (str, bool)) or not 0 <= r < float("inf") for r in cands):
+      raise ValueError(f"config.radius_candidates must be numbers >= 0 (at least one), got {cands!r}")
+    if not 0.0 < c.radius_holdout < 1.0:
+      raise ValueError(f"config.radius_holdout must be in (0, 1), got {c.radius_holdout!r}")
   if c.backbone_dtype not in ("float32", "bfloat16"):
     raise ValueError(f"config.backbone_dtype must be 'float32' or 'bfloat16', got {c.backbone_dtype!r}")
 
@@ -241,6 +250,109 @@ def _global_samples(c: GLADConfig, shape: tuple[int, int, int, int], key: jax.Ar
   return None, REASON_ALL, {}
 
 
+# Positions on which the candidate radii are compared, per layer: two bands of whole grid rows (two rows of a
+# 64-wide layer, four of a 32-wide one; a 16 x 16 layer, whose bands' windows would overlap, is one band of all
+# its rows). Chosen for time: on magnetic_tile (617 fit images) the comparison takes 15 / 15 / 28 s on layers
+# 1 / 2 / 3, 58 s of its 288 s default fit (README "Speed").
+RADIUS_CHOICE_POSITIONS = 128
+
+
+def _grid_rows(rows: Callable, images: np.ndarray, first_row: int, n_rows: int, shape: tuple[int, int, int, int],
+               distributed_rows: bool) -> np.ndarray:
+  """Features (len(images), n_rows, w, d) of grid rows [first_row, first_row + n_rows) of some images,
+  through the layer's `rows(index)` accessor of the flattened (n_images h w, d) vectors."""
+  _, h, w, d = shape
+  index = (images[:, None, None] * (h * w) + (first_row + np.arange(n_rows))[None, :, None] * w
+           + np.arange(w)[None, None, :]).reshape(-1)
+  x = rows(index)
+  if distributed_rows:
+    from glad_jax import distributed
+
+    x = distributed.host_array(x)
+  return np.asarray(x).reshape(len(images), n_rows, w, d)
+
+
+def choose_radius(c: GLADConfig, mixture: GaussianMixture, rows: Callable, shape: tuple[int, int, int, int],
+                  key: jax.Array, *, distributed_rows: bool = False) -> tuple[float, dict[str, Any]]:
+  """The local radius of one layer for ``radius="auto"``, from the training images alone.
+
+  A seeded share ``c.radius_holdout`` of the training images is held out (in several disjoint folds when
+  that share is under `RADIUS_CHOICE_MIN_HELD_OUT` images); the local weights of the positions of
+  `glad_jax.local.radius_bands` are fitted (Eq. 10-12, the fixed global mixture) at each of
+  ``c.radius_candidates`` on the other images (at most `glad_jax.local.max_band_images` of them, the local
+  fit's memory bound: about 1,200 for a 64-wide layer at K = 1000; an evenly spaced subset beyond), and each
+  held-out image gets its mean log-likelihood over those positions (Section 3.3's per-position likelihood:
+  what scoring reads). A larger disk pools more samples per position (weights that tolerate parts which do
+  not sit at the same place from image to image) and blurs position-specific structure: the held-out images
+  say which matters more for this layer. `next_radius_wins` decides, from the smallest radius up, whether
+  the next candidate is better; the first one that is not ends the search.
+
+  Args:
+    c: the configuration (radius_candidates, radius_holdout, local_max_iter, tol).
+    mixture: the layer's fitted global mixture.
+    rows: index -> feature vectors (n, d) of the flattened (n_images h w, d) layer, in one-process order.
+    shape: (n_images, h, w, d).
+    key: seeds the held-out draw.
+    distributed_rows: `rows` returns multi-process global arrays (gathered to the host here).
+
+  Returns:
+    (radius, choice): choice = {"radius", "radii", "held_out_log_likelihood" (per candidate, the mean over
+    held-out images and positions), "n_held_out" (over all folds), "n_folds", "n_fit" (images each fold's
+    weights were fitted on), "positions"}; with fewer than
+    two training images or one candidate the smallest candidate, with an empty comparison.
+  """
+  n_images, h, w, _ = shape
+  radii = sorted(float(r) for r in set(c.radius_candidates))
+  n_held = max(1, int(round(c.radius_holdout * n_images)))
+  choice: dict[str, Any] = {"radii": radii, "held_out_log_likelihood": [], "n_held_out": 0, "n_folds": 0,
+                            "n_fit": 0, "positions": 0}
+  if len(radii) == 1 or n_images - n_held < 1:
+    return radii[0], {**choice, "radius": radii[0]}
+  order = np.asarray(jax.random.permutation(key, n_images))
+  bands = local_lib.radius_bands((h, w), radii[-1], RADIUS_CHOICE_POSITIONS)
+  # Disjoint held-out folds until about RADIUS_CHOICE_MIN_HELD_OUT images are held out in all (one fold
+  # for a category of 200+ images; a small category, whose fits are cheap, gets several).
+  n_folds = max(1, min(-(-RADIUS_CHOICE_MIN_HELD_OUT // n_held), n_images // n_held))
+  cap = local_lib.max_band_images(bands, w, mixture.n_components)
+  per_image = []
+  for fold in range(n_folds):
+    held = np.sort(order[fold * n_held:(fold + 1) * n_held])
+    fit_images = np.sort(np.setdiff1d(order, held))
+    if len(fit_images) > cap:  # thousands of images: an evenly spaced subset keeps the memory bounded
+      fit_images = fit_images[np.linspace(0, len(fit_images) - 1, cap).round().astype(int)]
+    fit_windows = [_grid_rows(rows, fit_images, b.window_start, b.window, shape, distributed_rows) for b in bands]
+    held_rows = [_grid_rows(rows, held, b.start, b.rows, shape, distributed_rows) for b in bands]
+    per_image.append(local_lib.held_out_log_likelihood(fit_windows, held_rows, bands, mixture, radii, (h, w),
+                                                       max_iter=c.local_max_iter, tol=c.tol))
+  per_image = np.concatenate(per_image, axis=1)  # (n_radii, n_folds * n_held)
+  best = 0
+  while best + 1 < len(radii) and next_radius_wins(per_image[best], per_image[best + 1]):
+    best += 1
+  return radii[best], {**choice, "radius": radii[best],
+                       "held_out_log_likelihood": [float(v) for v in per_image.mean(axis=1)],
+                       "n_held_out": int(per_image.shape[1]), "n_folds": int(n_folds),
+                       "n_fit": int(min(n_images - n_held, cap)),
+                       "positions": int(sum(b.rows for b in bands) * w)}
+
+
+# How many standard errors the held-out images' mean gain must exceed for a larger radius to be taken, and
+# how many held-out images (over folds) the test should see at least: a two-sided 95% level, and the
+# fewest images for which a standard error of their mean is itself steady (not tuned on any result).
+RADIUS_CHOICE_Z = 2.0
+RADIUS_CHOICE_MIN_HELD_OUT = 20
+
+
+def next_radius_wins(smaller: np.ndarray, larger: np.ndarray, z: float = RADIUS_CHOICE_Z) -> bool:
+  """True when the held-out images' log-likelihoods (one per image, paired) under the larger radius beat the
+  smaller's by more than `z` standard errors of their mean difference: a paired test, so that a difference
+  within the held-out draw's noise keeps the smaller disk (the paper's r = 1 first, and the cheaper fit).
+  One held-out image has no error estimate: the smaller radius stays."""
+  gain = np.asarray(larger, np.float64) - np.asarray(smaller, np.float64)
+  if gain.size < 2:
+    return False
+  return bool(gain.mean() > z * gain.std(ddof=1) / np.sqrt(gain.size))
+
+
 def _fit_layer(feats: Any, c: GLADConfig, key: jax.Array, name: str, mesh, progress: Progress | None,
                image_mask: jax.Array | None = None, seconds_budget: float | None = None
                ) -> tuple[scoring.LayerModel, LayerFitInfo, Any]:
@@ -287,6 +399,12 @@ def _fit_layer(feats: Any, c: GLADConfig, key: jax.Array, name: str, mesh, progr
                              "seconds": t1 - t0})
   local = None
   mean_nnz = None
+  radius, choice = (None, None) if not c.local else (c.radius, None)
+  if c.local and c.radius == "auto":
+    radius, choice = choose_radius(c, mixture, rows, (n_images, h, w, d), jax.random.fold_in(key, 2),
+                                   distributed_rows=image_mask is not None)
+    if progress is not None:
+      progress("radius", {"layer": name, **choice})
   if c.local:
     def local_cb(p):
       if progress is not None:
@@ -296,7 +414,7 @@ def _fit_layer(feats: Any, c: GLADConfig, key: jax.Array, name: str, mesh, progr
     extra = {} if mesh is None else {"mesh": mesh}
     if image_mask is not None:
       extra["image_mask"] = image_mask
-    local = local_lib.fit_local_weights(feats, mixture, radius=c.radius, max_iter=c.local_max_iter, tol=c.tol,
+    local = local_lib.fit_local_weights(feats, mixture, radius=radius, max_iter=c.local_max_iter, tol=c.tol,
                                         callback=local_cb, **extra)
     mean_nnz = float(local_lib.sparsity_stats(local).mean_nnz)
   t2 = time.perf_counter()
@@ -304,7 +422,7 @@ def _fit_layer(feats: Any, c: GLADConfig, key: jax.Array, name: str, mesh, progr
       n_samples=int(n_all), n_samples_global=int(x.shape[0]), dim=int(d), grid_shape=(int(h), int(w)),
       n_components=int(mixture.n_components), n_iter=int(info.n_iter), converged=bool(info.converged),
       log_likelihood=[float(v) for v in info.loglik], seconds_global=t1 - t0, seconds_local=t2 - t1,
-      mean_nnz=mean_nnz, global_reason=reason)
+      mean_nnz=mean_nnz, global_reason=reason, radius=radius, radius_choice=choice)
   # What an online update needs (glad_jax.online): K-MLE's own statistics of its last assignment
   # (EM: one more hard assignment pass over the vectors the global fit used).
   if image_mask is not None:
@@ -314,9 +432,9 @@ def _fit_layer(feats: Any, c: GLADConfig, key: jax.Array, name: str, mesh, progr
 
     x = distributed.host_array(x)
   update_stats = online_lib.layer_update_stats(mixture, x, n_all=int(n_all), n_images=int(n_images),
-                                               grid_shape=(int(h), int(w)), radius=c.radius,
+                                               grid_shape=(int(h), int(w)), radius=radius or 0.0,
                                                local=c.local, fit_stats=info.final_stats)
-  return scoring.make_layer_model(mixture, (h, w), local), fit_info, update_stats
+  return scoring.make_layer_model(mixture, (h, w), local, radius=radius), fit_info, update_stats
 
 
 def fit_with_info(features: Mapping[str, Any], config: GLADConfig, key: jax.Array, *,
