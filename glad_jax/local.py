@@ -646,6 +646,22 @@ def _padded_density_params(mixture: GaussianMixture, dtype, k_pad: int):
   return centre, w_pieces, bias, init
 
 
+def _padded_k(k: int) -> int:
+  """K padded to a multiple of `_ARGMAX_BLOCK` (`_padded_density_params`)."""
+  return -(-int(k) // _ARGMAX_BLOCK) * _ARGMAX_BLOCK
+
+
+def _batch_and_tile(m: int, window_positions: int, positions: int, d: int, k_pad: int, n_offsets: int,
+                    max_chunk_elements: int) -> tuple[int, int]:
+  """(per_batch, tile) of a window of `window_positions` grid positions whose `positions` are fitted: about
+  `default_chunk_size` samples per log-density product, whole positions (all M images) each; tiles of at
+  most `_TILE_POSITIONS` positions whose (K', n_offsets, T, M) scratch stays within a quarter of
+  `max_chunk_elements`."""
+  per_batch = int(max(1, min(window_positions, default_chunk_size(d) // m)))
+  tile = int(max(1, min(_TILE_POSITIONS, positions, max_chunk_elements // (4 * k_pad * m * n_offsets))))
+  return per_batch, tile
+
+
 def fit_local_log_weights(features: jax.Array, mixture: GaussianMixture, radius: float = 1.0,
                           max_iter: int = 100, tol: float = 1e-6,
                           callback: Callable[[LocalFitProgress], None] | None = None,
@@ -696,11 +712,8 @@ def fit_local_log_weights(features: jax.Array, mixture: GaussianMixture, radius:
   rows = int(max(1, min(h, max_chunk_elements // per_row - 2 * reach)))
   n_chunks = -(-h // rows)
   window = min(h, rows + 2 * reach)
-  # About `default_chunk_size` samples per product, whole positions (all M images) each.
-  per_batch = int(max(1, min(window * w, default_chunk_size(d) // m)))
-  k_pad = -(-k // _ARGMAX_BLOCK) * _ARGMAX_BLOCK
-  tile = int(max(1, min(_TILE_POSITIONS, rows * w,
-                        max_chunk_elements // (4 * k_pad * m * len(offsets)))))
+  k_pad = _padded_k(k)
+  per_batch, tile = _batch_and_tile(m, window * w, rows * w, d, k_pad, len(offsets), max_chunk_elements)
 
   if mesh is not None:
     mixture = sharding.to_local(mixture, mesh)
@@ -797,8 +810,7 @@ def max_band_images(bands: Sequence[RadiusBand], width: int, n_components: int,
                     max_chunk_elements: int = _DEFAULT_CHUNK_ELEMENTS) -> int:
   """How many fit images `held_out_log_likelihood` may take within the local fit's memory bound: a band's
   (M, window, w, K') log-densities are held at once, as a chunk's in `fit_local_log_weights`."""
-  k_pad = -(-n_components // _ARGMAX_BLOCK) * _ARGMAX_BLOCK
-  return max(1, max_chunk_elements // (max(b.window for b in bands) * int(width) * k_pad))
+  return max(1, max_chunk_elements // (max(b.window for b in bands) * int(width) * _padded_k(n_components)))
 
 
 def held_out_log_likelihood(fit_windows: Sequence[jax.Array | np.ndarray],
@@ -830,8 +842,7 @@ def held_out_log_likelihood(fit_windows: Sequence[jax.Array | np.ndarray],
     float64 array of shape (n_radii, M_held): each held-out image's mean log p over the bands' positions.
   """
   h, w = int(grid_shape[0]), int(grid_shape[1])
-  k = mixture.n_components
-  k_pad = -(-k // _ARGMAX_BLOCK) * _ARGMAX_BLOCK
+  k_pad = _padded_k(mixture.n_components)
   radii_offsets = tuple(disk_offsets(r) for r in radii)
   n_off = max(len(o) for o in radii_offsets)
   dtype = jnp.asarray(fit_windows[0]).dtype
@@ -842,8 +853,7 @@ def held_out_log_likelihood(fit_windows: Sequence[jax.Array | np.ndarray],
     if window != band.window or held.shape[1] != band.rows:
       raise ValueError(f"band {band} does not match its features: window {tuple(fit_window.shape)}, "
                        f"held-out rows {tuple(held.shape)}")
-    per_batch = int(max(1, min(window * w, default_chunk_size(d) // m)))
-    tile = int(max(1, min(_TILE_POSITIONS, band.rows * w, max_chunk_elements // (4 * k_pad * m * n_off))))
+    per_batch, tile = _batch_and_tile(m, window * w, band.rows * w, d, k_pad, n_off, max_chunk_elements)
     ll = _held_out_band(jnp.asarray(fit_window), jnp.asarray(held), jnp.int32(band.start),
                         jnp.int32(band.window_start), centre, w_pieces, bias, init, jnp.asarray(tol, dtype),
                         radii_offsets=radii_offsets, rows=band.rows, grid=(h, w), window=window,

@@ -140,8 +140,7 @@ def run(args) -> tuple[str, dict[str, Any]]:
   for r in rows:
     r["chosen"] = (r["sigma"], r["score"]) == chosen
   mean_rows = [{"category": "mean", "sigma": s, "score": n, "val_auroc": means[(s, n)],
-                "image_auroc": float(np.mean([r["image_auroc"] for r in rows if (r["sigma"], r["score"]) == (s, n)
-                                              and r["category"] != "mean"])),
+                "image_auroc": float(np.mean([r["image_auroc"] for r in rows if (r["sigma"], r["score"]) == (s, n)])),
                 "chosen": (s, n) == chosen} for s, n in rules]
   summary = {"chosen_sigma": chosen[0], "chosen_score": chosen[1], "mean_val_auroc": means[chosen]}
   report = "\n".join([

@@ -314,16 +314,24 @@ def choose_radius(c: GLADConfig, mixture: GaussianMixture, rows: Callable, shape
   # for a category of 200+ images; a small category, whose fits are cheap, gets several).
   n_folds = max(1, min(-(-RADIUS_CHOICE_MIN_HELD_OUT // n_held), n_images // n_held))
   cap = local_lib.max_band_images(bands, w, mixture.n_components)
-  per_image = []
+  folds = []  # (held-out images, fit images) per fold
   for fold in range(n_folds):
     held = np.sort(order[fold * n_held:(fold + 1) * n_held])
     fit_images = np.sort(np.setdiff1d(order, held))
     if len(fit_images) > cap:  # thousands of images: an evenly spaced subset keeps the memory bounded
       fit_images = fit_images[np.linspace(0, len(fit_images) - 1, cap).round().astype(int)]
-    fit_windows = [_grid_rows(rows, fit_images, b.window_start, b.window, shape, distributed_rows) for b in bands]
-    held_rows = [_grid_rows(rows, held, b.start, b.rows, shape, distributed_rows) for b in bands]
-    per_image.append(local_lib.held_out_log_likelihood(fit_windows, held_rows, bands, mixture, radii, (h, w),
-                                                       max_iter=c.local_max_iter, tol=c.tol))
+    folds.append((held, fit_images))
+  # The band windows of every image a fold reads, gathered once (a held-out image's band rows lie inside
+  # its windows).
+  used = np.unique(np.concatenate([np.concatenate(f) for f in folds]))
+  windows = [_grid_rows(rows, used, b.window_start, b.window, shape, distributed_rows) for b in bands]
+  per_image = []
+  for held, fit_images in folds:
+    fit_at, held_at = np.searchsorted(used, fit_images), np.searchsorted(used, held)
+    held_rows = [x[held_at, b.start - b.window_start:b.start - b.window_start + b.rows]
+                 for x, b in zip(windows, bands)]
+    per_image.append(local_lib.held_out_log_likelihood([x[fit_at] for x in windows], held_rows, bands, mixture,
+                                                       radii, (h, w), max_iter=c.local_max_iter, tol=c.tol))
   per_image = np.concatenate(per_image, axis=1)  # (n_radii, n_folds * n_held)
   best = 0
   while best + 1 < len(radii) and next_radius_wins(per_image[best], per_image[best + 1]):
