@@ -48,7 +48,7 @@ import dataclasses
 import pathlib
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -423,6 +423,22 @@ def write_outputs(out: str | pathlib.Path, name: str, report: str, data: dict[st
   write_text(md, report)
   write_json(js, data)
   return md, js
+
+
+def study_main(name: str, parser: argparse.ArgumentParser, run: Callable[[Any], tuple[str, dict[str, Any]]],
+               argv: Sequence[str] | None) -> int:
+  """The command line of a study script: parse, `run(args) -> (report, data)`, print the report, write OUT/<name>.*
+  with --out; a bad value or a missing folder (ValueError, OSError) is one line on stderr and exit status 2."""
+  args = parser.parse_args(argv)
+  try:
+    report, data = run(args)
+  except (ValueError, OSError) as e:
+    print(f"{name}: error: {e}", file=sys.stderr)
+    return 2
+  print(report, end="")
+  if args.out:
+    write_outputs(args.out, name, report, data)
+  return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,13 +11,13 @@ without alignment and with --model, and reports for each fit
   misregistration     the training images' mean 1 - NCC (normalised cross-correlation of grey levels) against
                       the reference, before (align none) or after alignment: how much alignment registers them
   val_auroc, val_pixel_auroc   synthetic-defect image / pixel AUROC on the held-out good images (cut-paste,
-                      scratch, blob, one copy per image and kind, as `glad validate`): label-free
+                      scratch, blob, one copy per image and kind: `glad_jax.validation.validate`, as `glad validate`)
   image_auroc, pixel_auroc, aupro   of the test split, to explain what a choice does (never used to choose)
 
 and misregistration_ratio (after / before), the signal issue 16 names, and 'by_val': a label-free rule, the same
 for every category, that aligns where the synthetic image AUROC is higher with alignment. The summary gives the mean
-test image AUROC of never aligning, always aligning and of the rule's picks. --quick: tiny subsets, K = 16, 128 px (a smoke test). With --out DIR the table goes
-to DIR/study_align.md and the numbers to DIR/study_align.json.
+test image AUROC of never aligning, always aligning and of the rule's picks. --quick: tiny subsets, K = 16, 128 px
+(a smoke test). With --out DIR the table goes to DIR/study_align.md and the numbers to DIR/study_align.json.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import benchmark  # noqa: E402  (the benchmark's splits, subsets and category names)
+
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,15 +54,12 @@ def misregistration(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
 
 def study_category(data, config, extractor, *, model: str, seed: int, batch_size: int) -> list[dict[str, Any]]:
   """Two rows (align 'none' and `model`) for one category (`benchmark.CategoryData`)."""
-  from glad_jax import metrics, synthetic
+  from glad_jax import validation
   from glad_jax.evaluation import load_records, metrics_of
   from glad_jax.model import GLAD, align_images
 
   size = config.image_size
   train, held, test = (load_records(r, size) for r in (data.train, data.held, data.test))
-  defects = synthetic.defect_set(held.images, synthetic.KINDS, seed=seed)
-  def_images = np.concatenate([d[0] for d in defects.values()])
-  def_masks = np.concatenate([d[1] for d in defects.values()]).astype(bool)
   reference, others = train.images[0], train.images[1:]
   rows = []
   for align in ("none", model):
@@ -69,17 +67,12 @@ def study_category(data, config, extractor, *, model: str, seed: int, batch_size
     t0 = time.perf_counter()
     glad = GLAD(config.replace(align=align), extractor=extractor).fit(train.images, batch_size=batch_size)
     fit_s = time.perf_counter() - t0
-    clean = glad.score(held.images, batch_size=batch_size)
-    broken = glad.score(def_images, batch_size=batch_size)
+    synthetic = validation.validate(glad, held.images, seed=seed, batch_size=batch_size)["overall"]
     tested = glad.score(test.images, batch_size=batch_size)
-    val_labels = np.r_[np.zeros(len(held.images), int), np.ones(len(def_images), int)]
-    val_masks = np.concatenate([np.zeros(clean.anomaly_maps.shape, bool), def_masks])
     rows.append({
         "category": data.name, "align": align, "misregistration": float(np.mean(misregistration(moved, reference))),
-        "fit_s": fit_s,
-        "radius": "/".join(f"{info.radius:g}" for info in glad.fit_info.values()),
-        "val_auroc": metrics.image_auroc(val_labels, np.r_[clean.image_scores, broken.image_scores]),
-        "val_pixel_auroc": metrics.pixel_auroc(val_masks, np.concatenate([clean.anomaly_maps, broken.anomaly_maps])),
+        "fit_s": fit_s, "radius": "/".join(f"{info.radius:g}" for info in glad.fit_info.values()),
+        "val_auroc": synthetic["image_auroc"], "val_pixel_auroc": synthetic["pixel_auroc"],
         **{k: v for k, v in metrics_of(test, tested.image_scores, tested.anomaly_maps).items()
            if k in ("image_auroc", "pixel_auroc", "aupro")}})
   none, aligned = rows
@@ -104,8 +97,8 @@ def run(args) -> tuple[str, dict[str, Any]]:
   from glad_jax.align import MODELS
   from glad_jax.report import markdown_table
 
-  if args.model not in MODELS or args.model == "none":
-    raise ValueError(f"--model must be one of {', '.join(m for m in MODELS if m != 'none')}, got {args.model!r}")
+  if args.model not in MODELS:
+    raise ValueError(f"--model must be one of {', '.join(MODELS)}, got {args.model!r}")
   config, splits, extractor = benchmark.study_setup(args, "study_align")
   rows = []
   for data in splits:
@@ -122,16 +115,7 @@ def run(args) -> tuple[str, dict[str, Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
-  try:
-    report, result = run(args)
-  except (ValueError, OSError) as e:
-    print(f"study_align: error: {e}", file=sys.stderr)
-    return 2
-  print(report, end="")
-  if args.out:
-    benchmark.write_outputs(pathlib.Path(args.out), "study_align", report, result)
-  return 0
+  return benchmark.study_main("study_align", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

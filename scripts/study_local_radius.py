@@ -134,16 +134,7 @@ def run(args) -> tuple[str, dict[str, Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
-  try:
-    report, data = run(args)
-  except (ValueError, OSError) as e:
-    print(f"study_local_radius: error: {e}", file=sys.stderr)
-    return 2
-  print(report, end="")
-  if args.out:
-    benchmark.write_outputs(args.out, "study_local_radius", report, data)
-  return 0
+  return benchmark.study_main("study_local_radius", build_parser(), run, argv)
 
 
 if __name__ == "__main__":
