@@ -82,7 +82,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                       "score held-out training images best (default %(default)s; the paper: 1)")
   g.add_argument("--quantile", type=float, default=d.quantile, help="q of the image score (default %(default)s)")
   g.add_argument("--align", default=d.align,
-                 choices=("none", "translation", "euclidean", "similarity", "affine", "homography"))
+                 choices=("auto", "none", "translation", "euclidean", "similarity", "affine", "homography"),
+                 help="motion model aligning images on the first training image, or 'auto': none or euclidean, "
+                      "whichever detects synthetic defects in held-out training images better in a small probe "
+                      "fit (default %(default)s; the paper: euclidean for objects, none for textures)")
   g.add_argument("--mask", default=d.mask, choices=("none", "object", "margin"))
   g.add_argument("--image-size", type=int, default=d.image_size)
   g.add_argument("--seed", type=int, default=d.seed)

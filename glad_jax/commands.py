@@ -130,7 +130,9 @@ def _fit_distributed(args: argparse.Namespace, config: GLADConfig) -> int:
 
 
 def _report_fit(model, config: GLADConfig) -> None:
-  """One line per fitted layer (stderr)."""
+  """One line per fitted layer (stderr), and the alignment align='auto' chose."""
+  if model.align_choice is not None:
+    _say(f"  alignment: {model.align_choice.describe()}")
   for name, info in model.fit_info.items():
     nnz = "" if info.mean_nnz is None else f", {info.mean_nnz:.1f} non-zero weights/position"
     nnz += "" if info.radius is None else f" at r = {info.radius:g}"
@@ -236,6 +238,8 @@ def cmd_info(args: argparse.Namespace) -> int:
   print(f"checkpoint {args.checkpoint}")
   for k, v in vars(model.config).items():
     print(f"  {k}: {v}")
+  if model.align_choice is not None:
+    print(f"  alignment: {model.align_choice.describe()}")
   for name, layer in model.layers.items():
     info = model.fit_info.get(name)
     extra = "" if info is None else (f", global fit on {info.n_samples_global} of {info.n_samples} vectors "

@@ -61,7 +61,9 @@ class GLADConfig:
     local_max_iter: iteration cap of the local weight fit.
     quantile: q of the image score, the q-quantile of the log-likelihood map (paper: 0.005).
     align: motion model used to align images on the reference ('none', 'translation',
-      'euclidean', 'similarity', 'affine', 'homography').
+      'euclidean', 'similarity', 'affine', 'homography'), or 'auto': 'none' or 'euclidean', whichever
+      detects synthetic defects in held-out training images better in a small probe fit
+      (`glad_jax.align_choice`; the paper aligns object images). Training images only.
     mask: 'none', 'object' (crude object mask from the aligned training images) or
       'margin' (texture margin of 1/16 of the image size).
     seed: seeds initialisation and subsampling.

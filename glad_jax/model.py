@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import pathlib
 from typing import Any, Callable, Mapping
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from glad_jax import align_choice
 from glad_jax import checkpoint as ckpt
 from glad_jax import scoring
 from glad_jax.config import GLADConfig
@@ -119,6 +121,10 @@ class GLAD:
     self._extractor = extractor
     self.state: GLADState | None = None
     self.fit_info: dict[str, LayerFitInfo] = {}
+    # align='auto': what the last fit chose and why (`glad_jax.align_choice.AlignChoice`); each fit chooses
+    # anew from the configuration it was given, `config` then names the chosen motion model.
+    self._requested_config = config
+    self.align_choice: align_choice.AlignChoice | None = None
     self.update_info: dict[str, Any] = {}  # {layer: glad_jax.online.LayerUpdateInfo} of the last update
     # The jitted end-to-end function depends on the backbone only; the state is an argument, so
     # refitting or calibrating never leaves a stale compiled model behind.
@@ -126,19 +132,21 @@ class GLAD:
 
   @classmethod
   def from_state(cls, state: GLADState, *, fit_info: Mapping[str, LayerFitInfo] | None = None,
-                 extractor=None) -> "GLAD":
+                 extractor=None, align_choice_record: align_choice.AlignChoice | None = None) -> "GLAD":
     """A facade over a fitted `GLADState` (e.g. from `glad_jax.methods.glad.fit`)."""
     if not isinstance(state, GLADState):
       raise TypeError(f"state must be a GLADState, got {type(state).__name__}")
     model = cls(state.config, extractor=extractor)
     model.state = state
     model.fit_info = dict(fit_info or {})
+    model.align_choice = align_choice_record
     return model
 
   def copy(self) -> "GLAD":
     """A new facade sharing this one's (immutable) state and backbone: calibrating it leaves this one as is."""
     model = GLAD(self.config, extractor=self._extractor)
     model.state, model.fit_info, model._images_fn = self.state, dict(self.fit_info), self._images_fn
+    model._requested_config, model.align_choice = self._requested_config, self.align_choice
     return model
 
   # ------------------------------------------------------------------------------------------ parts
@@ -190,6 +198,8 @@ class GLAD:
     """The `glad_jax.align.Aligner` on this model's reference, or None when alignment is off."""
     if self.config.align == "none":
       return None
+    if self.config.align == align_choice.AUTO:
+      raise ValueError("align='auto' is chosen from the training images when the model is fitted: fit it first")
     if self.reference is None:
       raise ValueError("this model aligns images (align="
                        f"{self.config.align!r}) but has no reference image: fit it first")
@@ -254,10 +264,11 @@ class GLAD:
     if distributed:
       return self._fit_distributed(images, batch_size=batch_size, progress=progress, mesh=mesh,
                                    source_shape=source_shape)
-    c = self.config
+    c = self._requested_config
     x = prepare_images(images, c.image_size)
     if x.shape[0] < 2:
       raise ValueError(f"GLAD needs at least 2 training images, got {x.shape[0]}")
+    c = self._resolve_align(c, x, batch_size, progress)
     reference = None
     if c.align != "none":
       reference = x[0].copy()  # the first training image is the reference (paper 4.1)
@@ -268,12 +279,51 @@ class GLAD:
     self.state = self.state.replace(source_shape=shape)
     return self
 
+  def _resolve_align(self, config: GLADConfig, images: np.ndarray, batch_size: int,
+                     progress: Progress | None) -> GLADConfig:
+    """`config` with align='auto' replaced by the motion model chosen on these prepared training images
+    (`glad_jax.align_choice`; in a multi-process fit, chosen by process 0 on every process's images and
+    shared); the facade's `config` and `align_choice` become this fit's."""
+    choice = None
+    if config.align == align_choice.AUTO:
+      if jax.process_count() == 1:
+        choice = align_choice.choose_alignment(images, config, self.extractor, batch_size=batch_size,
+                                               progress=progress)
+      else:
+        choice = self._shared_align_choice(config, images, batch_size, progress)
+      config = config.replace(align=choice.chosen)
+    self.config, self.align_choice = config, choice
+    return config
+
+  def _shared_align_choice(self, config: GLADConfig, images: np.ndarray, batch_size: int,
+                           progress: Progress | None) -> align_choice.AlignChoice:
+    """Process 0 chooses on the whole training list (gathered: small uint8 images), as a one-process fit of
+    it would; every process receives its record."""
+    from glad_jax import distributed as dist
+
+    everything = dist.gather_rows(images)
+    choice, error = None, None
+    if dist.is_coordinator():
+      try:
+        choice = align_choice.choose_alignment(everything, config, self.extractor, batch_size=batch_size,
+                                               progress=progress)
+      except ValueError as e:
+        error = e
+    dist.check_all(error, "choosing the alignment")
+    text = b"" if choice is None else json.dumps(choice.as_dict()).encode()
+    n = int(dist.broadcast_from_coordinator(np.array([len(text)], np.int64))[0])
+    buf = np.zeros(n, np.uint8)
+    if choice is not None:
+      buf[:] = np.frombuffer(text, np.uint8)
+    got = dist.broadcast_from_coordinator(buf)
+    return choice if choice is not None else align_choice.AlignChoice(**json.loads(got.tobytes()))
+
   def _fit_distributed(self, images: Any, *, batch_size: int, progress: Progress | None, mesh,
                        source_shape: tuple[int, int, int] | None) -> "GLAD":
     """`fit` of this process's block of a multi-process fit (see `fit`)."""
     from glad_jax import distributed as dist
 
-    c = self.config
+    c = self._requested_config
     n_given = len(images) if isinstance(images, (list, tuple)) else int(np.shape(images)[0])
     size = c.image_size
     error = None
@@ -296,6 +346,7 @@ class GLAD:
     except dist.FitMemoryError as e:
       error = e
     dist.check_all(error, "checking its memory for the fit")
+    c = self._resolve_align(self._requested_config, x, batch_size, progress)
     reference = None
     if c.align != "none":
       # The first training image of the whole list (paper 4.1): process 0's first.
@@ -349,6 +400,7 @@ class GLAD:
     self.state, self.fit_info = glad_method.fit_with_info(
         features, self.config, key, images=aligned_images, reference=reference, mesh=mesh, progress=progress,
         image_mask=image_mask)
+    self.config = self.state.config  # align='auto' on given features: stored as 'none' (they were not aligned)
     return self
 
   # ----------------------------------------------------------------------------------------- update
@@ -523,7 +575,8 @@ class GLAD:
     """
     self._require_fitted()
     metadata = {"config": dataclasses.asdict(self.config),
-                "fit_info": {name: dataclasses.asdict(info) for name, info in self.fit_info.items()}}
+                "fit_info": {name: dataclasses.asdict(info) for name, info in self.fit_info.items()},
+                "align_choice": None if self.align_choice is None else self.align_choice.as_dict()}
     if jax.process_count() == 1:
       return ckpt.save_state(path, self.state, metadata)
     from glad_jax import distributed as dist
@@ -550,10 +603,13 @@ class GLAD:
         info = dict(info)
         info["grid_shape"] = tuple(info["grid_shape"])
         fit_info[name] = LayerFitInfo(**info)
+      choice = meta.get("align_choice")
+      choice = None if choice is None else align_choice.AlignChoice(**choice)
     except (KeyError, TypeError) as e:
       raise ckpt.CheckpointError(f"checkpoint {path} has fit information this version does not understand "
                                  f"({e}): refit the model") from None
-    return cls.from_state(jax.tree.map(jnp.asarray, state), fit_info=fit_info, extractor=extractor)
+    return cls.from_state(jax.tree.map(jnp.asarray, state), fit_info=fit_info, extractor=extractor,
+                          align_choice_record=choice)
 
   def model_size_bytes(self) -> int:
     """Bytes of the fitted state's arrays (mixtures, sparse local maps, reference, mask, thresholds)."""

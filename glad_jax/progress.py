@@ -14,8 +14,8 @@ On a terminal the counters are tqdm bars (as `glad` always showed them). Off a t
 a notebook) tqdm draws nothing, so a fit of forty minutes would be silent: there the reporter writes one line per
 event, at most one every `interval` seconds per stage; the first and the last event of a stage always print
 (the last one when it comes, or when the next stage starts, since a fit that converges early has no event saying
-"last"). "plan", "global_done" and "radius" events print one line each in both forms. Disabled (`glad --quiet`) it prints
-nothing.
+"last"). "plan", "global_done", "radius" and "align_choice" events print one line each in both forms. Disabled
+(`glad --quiet`) it prints nothing.
 
 The clock and the stream are constructor arguments, so that tests are deterministic.
 """
@@ -103,10 +103,11 @@ class ProgressReporter:
   def __call__(self, stage: str, info: Mapping[str, Any]) -> None:
     if not self.enabled:
       return
-    if stage in ("plan", "global_done", "radius"):
+    if stage in ("plan", "global_done", "radius", "align_choice"):
       # One line each, after whatever the previous stage left unprinted.
       self.close()
-      line = {"plan": self._plan_line, "global_done": self._done_line, "radius": self._radius_line}[stage](info)
+      line = {"plan": self._plan_line, "global_done": self._done_line, "radius": self._radius_line,
+              "align_choice": self._align_choice_line}[stage](info)
       self._write(line)
       return
     if stage == "global":
@@ -189,6 +190,11 @@ class ProgressReporter:
     how = "converged" if info["converged"] else "capped at max_iter (not converged)"
     return (f"global fit {info['layer']} done: K={int(info['n_components'])} kept, {int(info['n_iter'])} "
             f"iterations, {how}, {format_duration(float(info['seconds']))}")
+
+  @staticmethod
+  def _align_choice_line(info: Mapping[str, Any]) -> str:
+    return (f"alignment probe (align=auto) {info['candidate']}: synthetic-defect image AUROC "
+            f"{float(info['auroc']):.4f}")
 
   @staticmethod
   def _radius_line(info: Mapping[str, Any]) -> str:

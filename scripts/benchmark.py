@@ -17,7 +17,9 @@ plus every MVTec-layout category folder given on the command line, each with its
 --max-test takes a seeded subset). It prints one Markdown table, a row per (category, method):
 
   image_auroc, pixel_auroc, aupro   test split (pixel metrics only where the category has masks)
-  fit_s                             fit on precomputed features (backbone excluded; includes JIT compilation)
+  fit_s                             fit on precomputed features (backbone excluded; includes JIT compilation
+                                    and, with --align auto, GLAD's probe fits)
+  align                             with --align auto: the motion model GLAD chose
   ms_per_image                      backbone + scorer per test image (one jitted function, compile excluded)
   val_auroc, val_pixel_auroc        with --validate: synthetic-defect image / pixel AUROC on the held-out good
                                     images (glad_jax.validation: cut-paste, scratch, blob; seed --seed), a
@@ -104,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="GLAD's global-fit vectors per layer: N, 'all' or 'auto' (default: GLAD's own, "
                       f"{d.max_samples:,} with its max_sample_work cap)")
   p.add_argument("--backbone", default=d.backbone)
+  p.add_argument("--align", default=d.align,
+                 help="GLAD's align (default %(default)s; 'auto': chosen per category from its training images)")
   p.add_argument("--weights", default=None)
   p.add_argument("--image-size", type=int, default=None, help=f"default {d.image_size}")
   p.add_argument("--batch-size", type=int, default=16)
@@ -262,6 +266,8 @@ def run_category(data: CategoryData, methods, extractor, args, progress) -> list
       continue
     row.update(image_auroc=r["image_auroc"], pixel_auroc=r.get("pixel_auroc"), aupro=r.get("aupro"),
                fit_s=r["fit_s"], ms_per_image=r["inference_ms"])
+    if r.get("align") is not None:  # GLAD with align='auto' (--align auto): what it chose
+      row["align"] = r["align"]
     if args.validate:
       row["n_held"] = len(data.held)
       row.update(validation_columns(result.details["fitted"][r["method"]], held.images, extractor,
@@ -328,6 +334,7 @@ def category_specs(args) -> list[str]:
 def run(args) -> tuple[str, dict[str, Any]]:
   """Runs every category; returns (Markdown report, JSON-able dict)."""
   from glad_jax.config import GLADConfig
+  from glad_jax.methods import glad as glad_method
   from glad_jax.report import markdown_table
   from glad_jax.robustness import protocols as P
 
@@ -336,7 +343,8 @@ def run(args) -> tuple[str, dict[str, Any]]:
   if s["coreset_ratio"] is not None and not 0.0 < s["coreset_ratio"] <= 1.0:
     raise ValueError(f"--coreset-ratio must be in (0, 1], got {s['coreset_ratio']}")
   config = GLADConfig(backbone=args.backbone, weights=args.weights, image_size=s["image_size"],
-                      n_components=s["k"], max_samples=s["max_samples"], seed=args.seed)
+                      n_components=s["k"], max_samples=s["max_samples"], align=args.align, seed=args.seed)
+  glad_method.check_config(config)  # a bad --align fails here, not after the first categories' fits
   methods = make_methods(args, config)
   data_root = pathlib.Path(args.data_root)
   # Read and split every category first: a missing folder fails before an hour of fitting.
@@ -361,7 +369,8 @@ def run(args) -> tuple[str, dict[str, Any]]:
   header = [
       f"Backbone {config.backbone} (weights: {config.weights or 'packaged default'}), layers "
       f"{'+'.join(config.layers)}, {config.image_size} px; GLAD K = {config.n_components}, max_samples "
-      f"{config.max_samples or 'all'}; training capped at {s['max_train']} images (seeded); test "
+      f"{config.max_samples or 'all'}, align {config.align}; training capped at {s['max_train']} images "
+      f"(seeded); test "
       f"{'all' if s['max_test'] is None else s['max_test']}"
       + ("" if patchcore is None else f"; PatchCore coreset ratio {patchcore.coreset_ratio}")
       + f"; seed {args.seed}; {seconds:.0f} s" + (" (--quick)" if args.quick else "") + ".",
@@ -371,6 +380,7 @@ def run(args) -> tuple[str, dict[str, Any]]:
                   "good images, one copy per image and kind; no test label used.")
   report = "\n".join(["# Benchmark", "", *header, "", markdown_table(table)]) + "\n"
   data = {"settings": {**s, "backbone": config.backbone, "weights": config.weights, "layers": list(config.layers),
+                       "align": config.align,
                        "methods": [m.name for m in methods], "seed": args.seed, "quick": args.quick,
                        "validate": args.validate, "categories": specs,
                        "patchcore_coreset_ratio": None if patchcore is None else patchcore.coreset_ratio},

@@ -69,6 +69,8 @@ def test_errors(bench, tmp_path, capsys):
   assert "category folder not found" in capsys.readouterr().err
   assert bench.main(["--dev", "none", str(tmp_path), "--coreset-ratio", "0"]) == 2
   assert "--coreset-ratio must be in (0, 1], got 0.0" in capsys.readouterr().err
+  assert bench.main(["--dev", "none", str(tmp_path), "--align", "spline"]) == 2
+  assert "unknown motion model 'spline'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -76,7 +78,7 @@ def test_quick_on_elpv_and_a_folder(bench, tmp_path, capsys):
   cat = make_category(tmp_path / "tiny", n_train=12, n_good=4, n_bad=4)
   out = tmp_path / "out"
   rc = bench.main(["--quick", "--dev", "elpv", str(cat), "--validate", "--coreset-ratio", "0.05", "--quiet",
-                   "--out", str(out)])
+                   "--align", "auto", "--out", str(out)])
   assert rc == 0
   printed = capsys.readouterr().out
   assert "| category | method | n_train | n_test | image_auroc |" in printed and "(--quick)" in printed
@@ -92,6 +94,9 @@ def test_quick_on_elpv_and_a_folder(bench, tmp_path, capsys):
     for key in ("image_auroc", "val_auroc", "val_pixel_auroc"):
       assert 0.0 <= r[key] <= 1.0
     assert (r["pixel_auroc"] is None) == (r["category"] == "elpv_mono")  # elpv has no masks
+  # --align auto: GLAD's row says what it chose; the baselines never align.
+  assert all((r.get("align") in ("none", "euclidean")) == (r["method"] == "glad") for r in rows)
+  assert data["settings"]["align"] == "auto"
   assert [m["category"] for m in data["mean"]] == ["mean (2)"] * 4
   glad = [r for r in rows if r["method"] == "glad"]
   assert data["mean"][0]["image_auroc"] == pytest.approx(np.mean([r["image_auroc"] for r in glad]))

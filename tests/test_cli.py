@@ -134,10 +134,10 @@ def test_model_options_reach_the_config():
                                                                                                1.0)
 
 
-def test_automatic_choices_come_from_training_images_only(tmp_path):
+def test_automatic_choices_come_from_training_images_only(tmp_path, capsys):
   """Two categories with the same train/good and different test folders (other images, other counts, another
-  defect class) give the same model: the automatic choices (the local radius per layer, the thresholds'
-  held-out images) read the training images only."""
+  defect class) give the same model: the automatic choices (the local radius per layer, align='auto', the
+  thresholds' held-out images) read the training images only."""
   import shutil
 
   import jax
@@ -161,10 +161,17 @@ def test_automatic_choices_come_from_training_images_only(tmp_path):
   models = []
   for cat in (a, b):
     out = tmp_path / f"ck_{cat.name}"
-    assert cli.main(["--quiet", "fit", str(cat), "--out", str(out), "--holdout", "0.2"] + TINY) == 0
+    assert cli.main(["--quiet", "fit", str(cat), "--out", str(out), "--holdout", "0.2", "--align", "auto"]
+                    + TINY) == 0
     models.append(GLAD.load(out))
   (ma, mb) = models
   assert [i.radius_choice for i in ma.fit_info.values()] == [i.radius_choice for i in mb.fit_info.values()]
+  choices = [{k: v for k, v in m.align_choice.as_dict().items() if k != "seconds"} for m in models]
+  assert choices[0] == choices[1] and set(choices[0]["aurocs"]) == {"none", "euclidean"}
+  capsys.readouterr()
+  assert cli.main(["info", str(tmp_path / "ck_a")]) == 0
+  info = capsys.readouterr().out
+  assert f"alignment: {ma.align_choice.chosen} (align=auto: synthetic-defect AUROC none " in info
   assert all(i.radius_choice["n_held_out"] >= 1 for i in ma.fit_info.values())
   for x, y in zip(jax.tree_util.tree_leaves(ma.state), jax.tree_util.tree_leaves(mb.state)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -234,6 +234,32 @@ def test_glad_fit_on_two_processes_writes_the_one_process_model(tmp_path):
   np.testing.assert_allclose(m.pixel_threshold, s.pixel_threshold, rtol=1e-4)
 
 
+def test_align_auto_on_two_processes_makes_the_one_process_choice(tmp_path):
+  """align='auto' is chosen by process 0 on every process's images (gathered) and shared: the record and the
+  model's alignment equal a one-process fit's."""
+  from conftest import make_category
+  from glad_jax.model import GLAD
+
+  data = make_category(tmp_path / "cat", n_train=12)
+  multi, single = tmp_path / "multi" / "ck", tmp_path / "single" / "ck"
+  port = free_port()
+  auto = ("--align", "auto")
+  commands = [glad_fit(data, multi, *auto, "--coordinator", f"localhost:{port}", "--num-processes", "2",
+                       "--process-id", "0"),
+              glad_fit(data, multi, *auto), glad_fit(data, single, *auto)]
+  envs = [{}, {"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
+               "JAX_PROCESS_ID": "1"}, {}]
+  out0, _, _ = run_processes(commands, envs=envs, names=["distributed process 0", "distributed process 1",
+                                                         "one-process fit"])
+  assert "saved" in out0
+  m, s = GLAD.load(multi), GLAD.load(single)
+  drop = lambda c: {k: v for k, v in c.as_dict().items() if k != "seconds"}  # noqa: E731
+  assert drop(m.align_choice) == drop(s.align_choice) and set(s.align_choice.aurocs) == {"none", "euclidean"}
+  assert s.align_choice.n_fit + s.align_choice.n_held == 10      # every training image, not process 0's 6
+  assert m.config == s.config and m.config.align == s.align_choice.chosen
+  assert (m.reference is None) == (s.reference is None)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--process-id", "1"], "--process-id without --num-processes"),
     (["--coordinator", "localhost:1234"], "--coordinator without --num-processes"),

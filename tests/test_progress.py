@@ -240,3 +240,12 @@ def test_radius_choice_line():
       "glad [00:00] local radius layer1: r = 2 (held-out log-likelihood of 20 training images at 128 positions: "
       "r = 1: -5.1234, r = 2: -5.0100, r = 3: -5.0200)",
       "glad [00:00] local radius layer2: r = 1"]
+
+
+def test_align_choice_line():
+  rep, out = plain(FakeClock())
+  rep("align_choice", {"candidate": "none", "auroc": 0.80826})
+  rep("align_choice", {"candidate": "euclidean", "auroc": 0.841797})
+  assert lines(out) == [
+      "glad [00:00] alignment probe (align=auto) none: synthetic-defect image AUROC 0.8083",
+      "glad [00:00] alignment probe (align=auto) euclidean: synthetic-defect image AUROC 0.8418"]

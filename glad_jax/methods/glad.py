@@ -147,8 +147,9 @@ def check_config(c: GLADConfig) -> None:
     raise ValueError(f"config.quantile must be in [0, 1], got {c.quantile}")
   if c.mask not in ("none", "object", "margin"):
     raise ValueError(f"config.mask must be 'none', 'object' or 'margin', got {c.mask!r}")
-  if c.align not in ("none",) + align_lib.MODELS:
-    raise ValueError(f"config.align: unknown motion model {c.align!r}")
+  if c.align not in ("none", "auto") + align_lib.MODELS:
+    raise ValueError(f"config.align: unknown motion model {c.align!r}; expected 'none', 'auto' or one of "
+                     f"{', '.join(align_lib.MODELS)}")
   if c.max_samples is not None and c.max_samples != "auto" and (
       isinstance(c.max_samples, bool) or not isinstance(c.max_samples, (int, np.integer)) or c.max_samples < 1):
     raise ValueError(f"config.max_samples must be 'auto', None or an int >= 1, got {c.max_samples!r}")
@@ -460,6 +461,13 @@ def fit_with_info(features: Mapping[str, Any], config: GLADConfig, key: jax.Arra
     raise ValueError(f"features are missing layer(s) {missing}; got {sorted(features)}")
   if c.mask == "object" and images is None:
     raise ValueError("mask='object' needs the aligned training images (images=... / aligned_images=...)")
+  if c.align == "auto":
+    # 'auto' is chosen on images (`glad_jax.align_choice`, by GLAD.fit and the protocols) before the
+    # features are extracted; features given as they are were not aligned.
+    if reference is not None:
+      raise ValueError("config.align='auto' with a reference: name the motion model the features were "
+                       "aligned with (GLAD.fit chooses it from the training images)")
+    c = c.replace(align="none")
   if c.align != "none" and reference is None:
     raise ValueError(f"config.align={c.align!r} needs the alignment reference (reference=..., the first "
                      "training image)")
