@@ -31,11 +31,12 @@ import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from glad_jax import methods
 from glad_jax import synthetic
 from glad_jax.config import GLADConfig
+from glad_jax.evaluation import batched
 from glad_jax.methods import glad as glad_method
 from glad_jax.methods.glad import RADIUS_CHOICE_Z
 
@@ -101,14 +102,11 @@ def _probe_scores(fit_images: np.ndarray, held: np.ndarray, defective: np.ndarra
                   extractor, key: jax.Array, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
   """Image scores (held-out images, defective copies) of a probe GLAD fitted on `fit_images`."""
   state = glad_method.fit(extractor(fit_images, batch_size=batch_size), config, key)
-  score = jax.jit(lambda f: glad_method.score(state, f)[1])
+  # The registry's end-to-end scorer (images already aligned), padded batches: one compilation per probe.
+  end_to_end = jax.jit(methods.images_fn(methods.get_method("glad"), extractor.apply, align=False))
 
   def scores(images):
-    out = []
-    for i in range(0, len(images), batch_size):
-      feats = extractor(images[i:i + batch_size], batch_size=batch_size)
-      out.append(np.asarray(score({k: jnp.asarray(v) for k, v in feats.items()})))
-    return np.concatenate(out)
+    return batched(lambda chunk: end_to_end(extractor.params, state, chunk)[1], images, batch_size)
 
   return scores(held), scores(defective)
 
