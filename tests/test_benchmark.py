@@ -78,7 +78,7 @@ def test_quick_on_elpv_and_a_folder(bench, tmp_path, capsys):
   cat = make_category(tmp_path / "tiny", n_train=12, n_good=4, n_bad=4)
   out = tmp_path / "out"
   rc = bench.main(["--quick", "--dev", "elpv", str(cat), "--validate", "--coreset-ratio", "0.05", "--quiet",
-                   "--align", "auto", "--out", str(out)])
+                   "--out", str(out)])
   assert rc == 0
   printed = capsys.readouterr().out
   assert "| category | method | n_train | n_test | image_auroc |" in printed and "(--quick)" in printed
@@ -94,10 +94,23 @@ def test_quick_on_elpv_and_a_folder(bench, tmp_path, capsys):
     for key in ("image_auroc", "val_auroc", "val_pixel_auroc"):
       assert 0.0 <= r[key] <= 1.0
     assert (r["pixel_auroc"] is None) == (r["category"] == "elpv_mono")  # elpv has no masks
-  # --align auto: GLAD's row says what it chose; the baselines never align.
-  assert all((r.get("align") in ("none", "euclidean")) == (r["method"] == "glad") for r in rows)
-  assert data["settings"]["align"] == "auto"
+  assert all("align" not in r for r in rows) and data["settings"]["align"] == "none"
   assert [m["category"] for m in data["mean"]] == ["mean (2)"] * 4
   glad = [r for r in rows if r["method"] == "glad"]
   assert data["mean"][0]["image_auroc"] == pytest.approx(np.mean([r["image_auroc"] for r in glad]))
   assert data["categories"]["tiny"]["held_split"] == "train/good holdout"
+
+
+@pytest.mark.slow
+def test_quick_align_auto_reports_glads_choice(bench, tmp_path, capsys):
+  cat = make_category(tmp_path / "tiny", n_train=12, n_good=4, n_bad=4)
+  out = tmp_path / "out"
+  assert bench.main(["--quick", "--dev", "none", str(cat), "--methods", "glad,padim", "--quiet",
+                     "--align", "auto", "--out", str(out)]) == 0
+  assert "align" in capsys.readouterr().out
+  data = json.loads((out / "benchmark.json").read_text())
+  glad, padim = data["rows"]
+  assert (glad["method"], padim["method"]) == ("glad", "padim")
+  # GLAD's row says what the probe chose; the baselines never align.
+  assert glad["align"] in ("none", "euclidean") and "align" not in padim
+  assert data["settings"]["align"] == "auto"
